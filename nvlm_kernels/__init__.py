@@ -8,11 +8,18 @@ import torch
 
 from nvlm_kernels import _ext, dispatch
 from nvlm_kernels.dispatch import force_backend
+from nvlm_kernels.gated_xattn import gated_cross_attention, gated_cross_attention_ref
 from nvlm_kernels.pixel_shuffle import (
     pixel_shuffle,
     pixel_shuffle_layernorm,
     pixel_shuffle_layernorm_ref,
     pixel_shuffle_ref,
+)
+from nvlm_kernels.quant_linear import (
+    w4a16_linear,
+    w4a16_linear_ref,
+    w8a16_linear,
+    w8a16_linear_ref,
 )
 from nvlm_kernels.tiled_attention import tiled_attention, tiled_attention_ref
 
@@ -21,12 +28,18 @@ __version__ = "0.1.0"
 __all__ = [
     "backends",
     "force_backend",
+    "gated_cross_attention",
+    "gated_cross_attention_ref",
     "pixel_shuffle",
     "pixel_shuffle_layernorm",
     "pixel_shuffle_layernorm_ref",
     "pixel_shuffle_ref",
     "tiled_attention",
     "tiled_attention_ref",
+    "w4a16_linear",
+    "w4a16_linear_ref",
+    "w8a16_linear",
+    "w8a16_linear_ref",
 ]
 
 

@@ -1,21 +1,84 @@
 """Bidirectional attention batched over all ViT tiles of all images in one launch (InternViT self-attention).
 
-``q, k, v: [T, H, N, D]`` (T tiles, H heads, N tokens per tile = 1025 in NVLM-D-72B, D in {64, 80, 96, 128})
--> ``[T, H, N, D]``; ``out = softmax(q k^T * scale) v`` per tile and head, no mask, ``scale = D**-0.5`` unless
+Maths. ``q, k, v: [T, H, N, D]`` (T tiles, H heads, N tokens per tile = 1025 in NVLM-D-72B, D in {64, 80, 96, 128})
+-> ``out: [T, H, N, D]``, per tile and head ``out = softmax(q k^T * scale) v``, no mask, ``scale = D**-0.5`` unless
 given. ``cu_tiles`` is reserved for variable-length tiles (not yet supported: must be None).
 
-Backends: ``triton`` (flash attention, online softmax, for CUDA tensors) and ``ref``
-(``F.scaled_dot_product_attention``, which is also the CPU path).
+Optional fused QK RMSNorm (InternViT ``q_norm``/``k_norm``, spec §3): with ``q_norm_weight, k_norm_weight: [H*D]``
+the attention uses ``qn = RMSNorm(q)``, ``kn = RMSNorm(k)`` where the statistic of token (t, n) is taken over the
+``H*D`` channels of ALL heads (3200 in 72B: pass the 25 real heads, not the 7 zero dummy heads)::
+
+    rstd[t, n] = rsqrt(mean_{h, d} x[t, h, n, d]^2 + eps)          (fp32)
+    xn[t, h, n, d] = (x * rstd).to(x.dtype) * w[h*D + d]          (InternVL InternRMSNorm convention)
+
+Triton kernel (``triton`` backend, CUDA tensors; CPU tensors only when forced under ``TRITON_INTERPRET=1``):
+flash-attention forward. Grid ``(cdiv(N, BLOCK_M), T*H)``: one program owns BLOCK_M query rows of one (tile, head)
+and streams K/V in BLOCK_N blocks with an online softmax (running max ``m``, running sum ``l``, fp32 accumulator),
+so no N x N matrix ever reaches memory. ``exp2`` with ``scale*log2(e)`` folded into one multiply. The full K/V
+blocks run without a token mask; only the last partial block (N = 1025 = 8*128 + 1) is masked. Head dims 80 and 96
+are padded to ``BLOCK_D`` = 128 inside the kernel with masked loads/stores (no host copies). q/k/v may be any
+``[T, H, N, D]`` view with a unit stride on D -- e.g. the slices of the fused qkv projection
+``qkv.view(T, N, 3, H, D).permute(2, 0, 3, 1, 4)`` -- so the model never copies them. The output is allocated
+token-major (memory ``[T, N, H, D]``, returned as the ``[T, H, N, D]`` view, as SDPA's flash backend does), so
+``out.transpose(1, 2).reshape(T, N, H*D)`` for the output projection is a free view.
+
+Fused QK RMSNorm, and whether it pays. The RMS statistic spans all heads of a token, so a per-(tile, head) attention
+program cannot compute it; a tiny prologue kernel (``_qk_rms_stats_kernel``) reads q and k once and writes only
+``rstd_q, rstd_k: [T, N]`` fp32. The norm then costs nothing inside the attention loop, because it factors out of
+the dot product::
+
+    qn[m] . kn[n] = rstd_k[n] * sum_d (q[m, d] * rstd_q[m] * wq[d] * wk[d]) * k[n, d]
+
+so each program scales its q block once (``q' = q * rstd_q * wq * wk``, rounded once to the input dtype) and
+multiplies each QK^T tile by the column vector ``rstd_k * scale * log2(e)`` instead of the scalar -- the same
+number of multiplies as the unnormalised kernel; K and V tiles are used raw. (Rounding differs from the reference's
+four roundings -- one rounding of q' instead -- and stays inside the test tolerance.)
+Bytes per ViT block at the real shape (T=7, N=1025, H*D=3200, bf16; one of q/k = 45.9 MB):
+
+* eager InternRMSNorm x2 (``float()``, ``pow``, ``mean``, ``mul``, ``to``, ``mul w``: ~36 B/element) = ~1.65 GB,
+  then attention reads qn, kn;
+* best separate one-pass prologue (read q, k, write normalised head-major qn, kn) = 184 MB, then attention reads
+  qn, kn = 92 MB more: 275 MB;
+* this fusion: stats read q, k = 92 MB, attention reads raw q, k = 92 MB: 184 MB.
+
+So the fusion saves 92 MB per block over the best unfused kernel (~27 us at 3.35 TB/s; 4.1 GB = ~1.2 ms per 45-block
+ViT forward of 7 tiles) and ~1.5 GB per block over eager PyTorch; against ~0.24 ms of attention maths per block at
+~400 TFLOP/s that is ~10 % over a good prologue and several x over eager. GPU timing: not measured yet (no GPU in
+the session that wrote this; bench/bench_tiled_attention.py measures it).
+
+Call from the model (nvlm/vision.py), raw projection, no separate norm modules::
+
+    qkv = attn.qkv(h).view(T, N, 3, H, D)                  # [T, N, 3, H, D], H = real heads (25)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)         # each [T, H, N, D], strided views, no copy
+    o = nvlm_kernels.tiled_attention(q, k, v, softmax_scale=D ** -0.5,
+                                     q_norm_weight=attn.q_norm.weight[:H * D], k_norm_weight=attn.k_norm.weight[:H * D],
+                                     norm_eps=1e-6)         # [T, H, N, D]
+    h = attn.proj(o.transpose(1, 2).reshape(T, N, H * D))
+
+Backends: ``triton`` (above; chosen for CUDA tensors) and ``ref`` (``F.scaled_dot_product_attention`` after the
+reference RMSNorm; the CPU path).
 """
+
+import os
 
 import torch
 import torch.nn.functional as F
 
 from nvlm_kernels import dispatch
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - the reference path still works without triton
+    triton = None
+
 _HEAD_DIMS = (64, 80, 96, 128)
+_LOG2E = 1.4426950408889634
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Checks
+# ----------------------------------------------------------------------------------------------------------------
 def _check(q, k, v, cu_tiles):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
@@ -29,20 +92,433 @@ def _check(q, k, v, cu_tiles):
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
         raise ValueError("nvlm_kernels.tiled_attention: q, k, v must share dtype and device")
+    if q.numel() == 0:
+        raise ValueError(f"nvlm_kernels.tiled_attention: q, k, v must be non-empty, got shape {tuple(q.shape)}")
     if cu_tiles is not None:
-        raise ValueError("nvlm_kernels.tiled_attention: argument 'cu_tiles' (variable-length tiles) is not supported yet")
+        raise ValueError("nvlm_kernels.tiled_attention: argument 'cu_tiles' (variable-length tiles) is not "
+                         "supported yet")
 
 
-def tiled_attention_ref(q, k, v, softmax_scale=None):
-    """``softmax(q k^T * scale) v`` over each tile and head, via PyTorch SDPA."""
+def _check_norm(q, q_norm_weight, k_norm_weight, norm_eps):
+    if (q_norm_weight is None) != (k_norm_weight is None):
+        raise ValueError("nvlm_kernels.tiled_attention: give both 'q_norm_weight' and 'k_norm_weight' or neither")
+    if q_norm_weight is None:
+        return
+    width = q.shape[1] * q.shape[3]
+    for name, w in (("q_norm_weight", q_norm_weight), ("k_norm_weight", k_norm_weight)):
+        if not isinstance(w, torch.Tensor) or tuple(w.shape) != (width,):
+            shape = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
+            raise ValueError(f"nvlm_kernels.tiled_attention: argument '{name}' must have shape (H*D,) = ({width},), "
+                             f"got {shape}")
+        if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"nvlm_kernels.tiled_attention: argument '{name}' must be a float tensor, got {w.dtype}")
+        if w.device != q.device:
+            raise ValueError(f"nvlm_kernels.tiled_attention: argument '{name}' is on {w.device}, 'q' on {q.device}")
+    if not (isinstance(norm_eps, (int, float)) and norm_eps >= 0):
+        raise ValueError(f"nvlm_kernels.tiled_attention: argument 'norm_eps' must be a float >= 0, got {norm_eps!r}")
+
+
+def _check_triton_head_dim(q):
+    if q.shape[-1] not in _HEAD_DIMS:
+        raise ValueError(f"nvlm_kernels.tiled_attention: the triton kernel supports head dim D in {_HEAD_DIMS}, "
+                         f"got D={q.shape[-1]} (argument 'q')")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _attn_step(acc, m_i, l_i, q, k_base, v_base, rstd_k_base, stride_kn, stride_vn, start_n, N, qk_scale,
+                   offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                   MASK_N: tl.constexpr, NORM: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        """One K/V block of the online softmax. ``MASK_N``: the block crosses N (only the last one)."""
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :]          # [BLOCK_N, BLOCK_D]
+        v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
+        if MASK_N:
+            kv_mask = (offs_n[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
+            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        elif BLOCK_D != HEAD_DIM:
+            kv_mask = offs_d[None, :] < HEAD_DIM
+            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)             # [BLOCK_M, BLOCK_N] fp32
+        if NORM:
+            # kn = k * rstd_k (the weight wk is folded into q): scale the columns; log2 domain as below.
+            if MASK_N:
+                rk = tl.load(rstd_k_base + offs_n, mask=offs_n < N, other=0.0)
+            else:
+                rk = tl.load(rstd_k_base + offs_n)
+            qk = qk * (rk * qk_scale)[None, :]
+            if MASK_N:
+                qk = tl.where((offs_n < N)[None, :], qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            p = tl.math.exp2(qk - m_new[:, None])
+        else:
+            if MASK_N:
+                qk = tl.where((offs_n < N)[None, :], qk, float("-inf"))
+            # scale (> 0) commutes with max: one FMA per element, qk * scale*log2e - m.
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)                                       # 0 on the first block (m_i = -inf)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if MASK_N or BLOCK_D != HEAD_DIM:
+            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)     # [BLOCK_M, BLOCK_D] fp32
+        return acc, m_new, l_i
+
+    @triton.jit
+    def _attn_fwd_kernel(Q, K, V, Out, RSTD_Q, RSTD_K, WQ, WK,
+                         stride_qt, stride_qh, stride_qn,
+                         stride_kt, stride_kh, stride_kn,
+                         stride_vt, stride_vh, stride_vn,
+                         stride_ot, stride_oh, stride_on,
+                         H, N, qk_scale,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, NORM: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        """Flash-attention forward. Grid ``(cdiv(N, BLOCK_M), T*H)``; unit stride on D assumed (launcher ensures).
+
+        ``qk_scale`` = softmax scale * log2(e). ``NORM``: fused QK RMSNorm with ``RSTD_Q/RSTD_K: [T, N]`` fp32 from
+        ``_qk_rms_stats_kernel`` and weights ``WQ/WK: [H*D]`` (unused, any pointer, when not NORM).
+        """
+        pid_m = tl.program_id(0)
+        pid_th = tl.program_id(1)
+        t = pid_th // H
+        h = pid_th % H
+        # 64-bit tile/head offsets: T*stride_t may pass 2^31 for long inputs; in-tile offsets stay 32-bit.
+        q_base = Q + t.to(tl.int64) * stride_qt + h.to(tl.int64) * stride_qh
+        k_base = K + t.to(tl.int64) * stride_kt + h.to(tl.int64) * stride_kh
+        v_base = V + t.to(tl.int64) * stride_vt + h.to(tl.int64) * stride_vh
+        o_base = Out + t.to(tl.int64) * stride_ot + h.to(tl.int64) * stride_oh
+        rstd_k_base = RSTD_K + t.to(tl.int64) * N
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        q_mask = (offs_m[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
+        q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=q_mask, other=0.0)
+        if NORM:
+            # q' = q * rstd_q * wq * wk (wk folded in: see module docstring), rounded once to the input dtype.
+            rq = tl.load(RSTD_Q + t.to(tl.int64) * N + offs_m, mask=offs_m < N, other=0.0)
+            w_offs = h * HEAD_DIM + offs_d
+            wq = tl.load(WQ + w_offs, mask=offs_d < HEAD_DIM, other=0.0).to(tl.float32)
+            wk = tl.load(WK + w_offs, mask=offs_d < HEAD_DIM, other=0.0).to(tl.float32)
+            q = (q.to(tl.float32) * rq[:, None] * (wq * wk)[None, :]).to(Q.dtype.element_ty)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        n_full = (N // BLOCK_N) * BLOCK_N
+        for start_n in range(0, n_full, BLOCK_N):
+            acc, m_i, l_i = _attn_step(acc, m_i, l_i, q, k_base, v_base, rstd_k_base, stride_kn, stride_vn,
+                                       start_n, N, qk_scale, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N,
+                                       False, NORM, DOT_PRECISION)
+        if n_full < N:
+            acc, m_i, l_i = _attn_step(acc, m_i, l_i, q, k_base, v_base, rstd_k_base, stride_kn, stride_vn,
+                                       n_full, N, qk_scale, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N,
+                                       True, NORM, DOT_PRECISION)
+        acc = acc / l_i[:, None]
+        tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :], acc.to(Out.dtype.element_ty), mask=q_mask)
+
+    @triton.jit
+    def _qk_rms_stats_kernel(Q, K, RSTD_Q, RSTD_K,
+                             stride_qt, stride_qh, stride_qn,
+                             stride_kt, stride_kh, stride_kn,
+                             H, N, inv_width, eps,
+                             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+        """``rstd[t, n] = rsqrt(mean over all heads and channels of x^2 + eps)`` for q and k in one pass.
+
+        Grid ``(cdiv(N, BLOCK_T), T)``; writes ``RSTD_Q, RSTD_K: [T, N]`` fp32 (contiguous).
+        """
+        pid_n = tl.program_id(0)
+        t = tl.program_id(1).to(tl.int64)
+        offs_n = pid_n * BLOCK_T + tl.arange(0, BLOCK_T)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask = (offs_n[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
+        q_ptrs = Q + t * stride_qt + offs_n[:, None] * stride_qn + offs_d[None, :]      # [BLOCK_T, BLOCK_D]
+        k_ptrs = K + t * stride_kt + offs_n[:, None] * stride_kn + offs_d[None, :]
+        ssq_q = tl.zeros([BLOCK_T], dtype=tl.float32)
+        ssq_k = tl.zeros([BLOCK_T], dtype=tl.float32)
+        for h in range(0, H):
+            xq = tl.load(q_ptrs + h * stride_qh, mask=mask, other=0.0).to(tl.float32)
+            xk = tl.load(k_ptrs + h * stride_kh, mask=mask, other=0.0).to(tl.float32)
+            ssq_q += tl.sum(xq * xq, 1)
+            ssq_k += tl.sum(xk * xk, 1)
+        rq = 1.0 / tl.sqrt(ssq_q * inv_width + eps)
+        rk = 1.0 / tl.sqrt(ssq_k * inv_width + eps)
+        tl.store(RSTD_Q + t * N + offs_n, rq, mask=offs_n < N)
+        tl.store(RSTD_K + t * N + offs_n, rk, mask=offs_n < N)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launch configurations
+# ----------------------------------------------------------------------------------------------------------------
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates per head dim for 16-bit inputs, per compute capability major.
+# Pruned ahead of time with triton.compile(..., GPUTarget("cuda", 90 | 80, 32)) + ptxas -v on every (config, dtype,
+# NORM) at the real shape (run ``python -m nvlm_kernels.tiled_attention`` to repeat it); what was removed and why:
+#   sm_90: ... (see _PRUNED below)
+_CONFIGS_16BIT = {
+    9: {
+        64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+        80: [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
+        96: [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
+        128: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
+    },
+    8: {
+        64: [(128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
+        80: [(128, 64, 4, 2), (64, 64, 4, 3), (128, 32, 4, 3)],
+        96: [(128, 64, 4, 2), (64, 64, 4, 3), (128, 32, 4, 3)],
+        128: [(128, 64, 4, 2), (64, 64, 4, 3), (128, 32, 4, 3)],
+    },
+}
+# fp32 inputs (IEEE dots, not the hot path): small tiles so the fp32 tiles fit registers and shared memory.
+_CONFIGS_FP32 = [(64, 32, 4, 2), (32, 32, 4, 2)]
+# The interpreter (CPU tests): small blocks, BLOCK_M != BLOCK_N so both loops' edges are exercised.
+_INTERPRETER_CONFIG = (32, 16, 4, 1)
+_STATS_BLOCK_T = 16
+_STATS_WARPS = 4
+
+
+def _capability_major(device: torch.device) -> int:
+    major = torch.cuda.get_device_capability(device)[0]
+    return 9 if major >= 9 else 8
+
+
+def _candidates(head_dim: int, dtype: torch.dtype, major: int) -> list[tuple[int, int, int, int]]:
+    if dtype == torch.float32:
+        return list(_CONFIGS_FP32)
+    return list(_CONFIGS_16BIT[major][head_dim])
+
+
+_TUNERS: dict = {}
+
+
+def _tuned_kernel(head_dim: int, dtype: torch.dtype, major: int):
+    """A triton.autotune wrapper over the explicit candidate list for this (head dim, dtype kind, arch)."""
+    key = (head_dim, dtype == torch.float32, major)
+    if key not in _TUNERS:
+        configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+                   for bm, bn, w, s in _candidates(head_dim, dtype, major)]
+        _TUNERS[key] = triton.autotune(configs=configs, key=["N", "HEAD_DIM", "NORM"])(_attn_fwd_kernel)
+    return _TUNERS[key]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launcher + custom op
+# ----------------------------------------------------------------------------------------------------------------
+def _unit_d_stride(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _empty_out(q: torch.Tensor) -> torch.Tensor:
+    """Output ``[T, H, N, D]`` stored token-major (memory ``[T, N, H, D]``), so the proj input view is free."""
+    t, h, n, d = q.shape
+    return torch.empty((t, n, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)
+
+
+def _launch(q, k, v, softmax_scale, q_norm_weight, k_norm_weight, norm_eps):
+    interpreted = q.device.type == "cpu"
+    out_dtype = q.dtype
+    if interpreted and q.dtype == torch.bfloat16:
+        # The interpreter mishandles bf16 dots/arithmetic (build_notes.md): compute in fp32 there.
+        q, k, v = q.float(), k.float(), v.float()
+    if interpreted and q_norm_weight is not None:
+        q_norm_weight, k_norm_weight = q_norm_weight.float(), k_norm_weight.float()
+    q, k, v = _unit_d_stride(q), _unit_d_stride(k), _unit_d_stride(v)
+    t, h, n, d = q.shape
+    out = _empty_out(q)
+    norm = q_norm_weight is not None
+    if norm:
+        rstd_q = torch.empty((t, n), dtype=torch.float32, device=q.device)
+        rstd_k = torch.empty((t, n), dtype=torch.float32, device=q.device)
+        wq, wk = q_norm_weight.contiguous(), k_norm_weight.contiguous()
+        _qk_rms_stats_kernel[(triton.cdiv(n, _STATS_BLOCK_T), t)](
+            q, k, rstd_q, rstd_k, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            h, n, 1.0 / (h * d), float(norm_eps),
+            HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_T=_STATS_BLOCK_T, num_warps=_STATS_WARPS)
+    else:
+        rstd_q = rstd_k = wq = wk = q  # unused by the kernel when NORM is False
+    args = (q, k, v, out, rstd_q, rstd_k, wq, wk,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            h, n, float(softmax_scale) * _LOG2E)
+    meta = dict(HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), NORM=norm,
+                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    if interpreted:
+        bm, bn, warps, stages = _INTERPRETER_CONFIG
+        _attn_fwd_kernel[(triton.cdiv(n, bm), t * h)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn,
+                                                     num_warps=warps, num_stages=stages)
+    else:
+        kernel = _tuned_kernel(d, q.dtype, _capability_major(q.device))
+        grid = lambda cfg: (triton.cdiv(n, cfg["BLOCK_M"]), t * h)
+        kernel[grid](*args, **meta)
+    return out if out.dtype == out_dtype else out.to(out_dtype)
+
+
+@torch.library.custom_op("nvlm_kernels::tiled_attention_triton", mutates_args=())
+def _tiled_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
+                            q_norm_weight: torch.Tensor | None, k_norm_weight: torch.Tensor | None,
+                            norm_eps: float) -> torch.Tensor:
+    return _launch(q, k, v, softmax_scale, q_norm_weight, k_norm_weight, norm_eps)
+
+
+@_tiled_attention_triton.register_fake
+def _tiled_attention_triton_fake(q, k, v, softmax_scale, q_norm_weight, k_norm_weight, norm_eps):
+    return _empty_out(q)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reference (pure PyTorch)
+# ----------------------------------------------------------------------------------------------------------------
+def qk_rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """InternViT q/k RMSNorm on ``x: [T, H, N, D]``: statistic per token over all ``H*D`` channels, in fp32; cast to
+    ``x.dtype``, then times ``weight: [H*D]`` (InternVL ``InternRMSNorm`` convention)."""
+    t, h, n, d = x.shape
+    xf = x.float()
+    var = xf.pow(2).mean(dim=(1, 3), keepdim=True)                     # [T, 1, N, 1]
+    xn = (xf * torch.rsqrt(var + eps)).to(x.dtype)
+    return xn * weight.view(1, h, 1, d).to(x.dtype)
+
+
+def tiled_attention_ref(q, k, v, softmax_scale=None, q_norm_weight=None, k_norm_weight=None, norm_eps=1e-6):
+    """``softmax(qn kn^T * scale) v`` over each tile and head, via PyTorch SDPA (qn = q unless norm weights)."""
+    if q_norm_weight is not None:
+        q = qk_rmsnorm_ref(q, q_norm_weight, norm_eps)
+        k = qk_rmsnorm_ref(k, k_norm_weight, norm_eps)
     return F.scaled_dot_product_attention(q, k, v, scale=softmax_scale)
 
 
-_IMPLEMENTED = ("ref",)
+# ----------------------------------------------------------------------------------------------------------------
+# Public function
+# ----------------------------------------------------------------------------------------------------------------
+_IMPLEMENTED = ("triton", "ref") if triton is not None else ("ref",)
 
 
-def tiled_attention(q, k, v, *, softmax_scale=None, cu_tiles=None):
-    """Attention over ``[T, H, N, D]`` tiles (see module docstring)."""
+def tiled_attention(q, k, v, *, softmax_scale=None, cu_tiles=None, q_norm_weight=None, k_norm_weight=None,
+                    norm_eps=1e-6):
+    """Attention over ``[T, H, N, D]`` tiles, optionally with the fused InternViT QK RMSNorm (module docstring)."""
     _check(q, k, v, cu_tiles)
+    _check_norm(q, q_norm_weight, k_norm_weight, norm_eps)
+    if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and softmax_scale > 0):
+        raise ValueError(f"nvlm_kernels.tiled_attention: argument 'softmax_scale' must be a float > 0, "
+                         f"got {softmax_scale!r}")
     backend = dispatch.select("tiled_attention", q.device, _IMPLEMENTED)
-    return tiled_attention_ref(q, k, v, softmax_scale)
+    if backend == "triton":
+        _check_triton_head_dim(q)
+        scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
+        return torch.ops.nvlm_kernels.tiled_attention_triton(q, k, v, scale, q_norm_weight, k_norm_weight,
+                                                             float(norm_eps))
+    return tiled_attention_ref(q, k, v, softmax_scale, q_norm_weight, k_norm_weight, norm_eps)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Specs for the GPU gate, and ahead-of-time compile checks (no GPU needed)
+# ----------------------------------------------------------------------------------------------------------------
+_TRITON_PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
+
+
+def gate_specs(capability: int | None = None) -> list[dict]:
+    """Every (kernel, candidate config, dtype, head dim) the package launches at the real shape T=7, H=25, N=1025.
+
+    ``capability``: 90 (sm_90, default when no GPU is visible) or 80; default = the current CUDA device's.
+    Each dict: ``name``, ``fn`` (the @triton.jit function), ``signature`` (every non-constexpr parameter -> triton
+    type), ``constexprs``, ``num_warps``, ``num_stages``, ``hot_path`` (launched by NVLM-D-72B: D=128),
+    ``tensor_cores`` (QK^T and PV dots must lower to mma/wgmma), and ``divisible_by_16``: the parameters that are
+    multiples of 16 at the real shape (all pointers and strides; the JIT specialises them the same way). Compile
+    ahead of time with ``attrs={(index,): [["tt.divisibility", 16]]}`` for those: without the hint the loads are not
+    vectorised, no cp.async pipelining happens and the register/spill figures are not the ones the JIT produces.
+    """
+    if capability is None:
+        capability = 90
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            capability = 10 * major + minor
+    major = 9 if capability >= 90 else 8
+    specs = []
+    for d in _HEAD_DIMS:
+        block_d = triton.next_power_of_2(d)
+        for dtype, tname in ((torch.bfloat16, "bf16"), (torch.float16, "fp16")):
+            ptr = _TRITON_PTR[dtype]
+            attn_sig = {"Q": ptr, "K": ptr, "V": ptr, "Out": ptr, "RSTD_Q": "*fp32", "RSTD_K": "*fp32",
+                        "WQ": ptr, "WK": ptr}
+            for name in ("q", "k", "v", "o"):
+                for axis in ("t", "h", "n"):
+                    attn_sig[f"stride_{name}{axis}"] = "i32"
+            attn_sig.update({"H": "i32", "N": "i32", "qk_scale": "fp32"})
+            for norm in (False, True):
+                for bm, bn, warps, stages in _candidates(d, dtype, major):
+                    specs.append(dict(
+                        name=f"tiled_attention{'_qknorm' if norm else ''}_d{d}_{tname}_m{bm}n{bn}w{warps}s{stages}",
+                        fn=_attn_fwd_kernel, signature=dict(attn_sig),
+                        constexprs=dict(HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, NORM=norm,
+                                        DOT_PRECISION="tf32"),
+                        num_warps=warps, num_stages=stages, hot_path=(d == 128), tensor_cores=True,
+                        divisible_by_16=[a for a in attn_sig if a not in ("H", "N", "qk_scale")]))
+            stats_sig = {"Q": ptr, "K": ptr, "RSTD_Q": "*fp32", "RSTD_K": "*fp32",
+                         "stride_qt": "i32", "stride_qh": "i32", "stride_qn": "i32",
+                         "stride_kt": "i32", "stride_kh": "i32", "stride_kn": "i32",
+                         "H": "i32", "N": "i32", "inv_width": "fp32", "eps": "fp32"}
+            specs.append(dict(
+                name=f"qk_rms_stats_d{d}_{tname}_t{_STATS_BLOCK_T}w{_STATS_WARPS}",
+                fn=_qk_rms_stats_kernel, signature=stats_sig,
+                constexprs=dict(HEAD_DIM=d, BLOCK_D=block_d, BLOCK_T=_STATS_BLOCK_T),
+                num_warps=_STATS_WARPS, num_stages=1, hot_path=(d == 128), tensor_cores=False,
+                divisible_by_16=[a for a in stats_sig if a not in ("H", "N", "inv_width", "eps")]))
+    return specs
+
+
+def _aot_report(capability: int = 90):  # pragma: no cover - developer tool, needs ptxas
+    """Compile every gate spec for ``capability`` without a GPU; ptxas -v each; yield registers/spills/smem."""
+    import inspect
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    arch = "sm_90a" if capability >= 90 else f"sm_{capability}"
+    for spec in gate_specs(capability):
+        sig = dict(spec["signature"])
+        sig.update({k: "constexpr" for k in spec["constexprs"]})
+        arg_names = list(inspect.signature(spec["fn"].fn).parameters)
+        attrs = {(arg_names.index(a),): [["tt.divisibility", 16]] for a in spec["divisible_by_16"]}
+        src = ASTSource(fn=spec["fn"], signature=sig, constexprs=spec["constexprs"], attrs=attrs)
+        kernel = triton.compile(src, target=GPUTarget("cuda", capability, 32),
+                                options=dict(num_warps=spec["num_warps"], num_stages=spec["num_stages"]))
+        ptx = kernel.asm["ptx"]
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+            f.write(ptx)
+            f.flush()
+            res = subprocess.run([ptxas, f"-arch={arch}", "-v", f.name, "-o", os.devnull],
+                                 capture_output=True, text=True)
+        info = res.stderr
+        regs = re.search(r"Used (\d+) registers", info)
+        spill_st = re.search(r"(\d+) bytes spill stores", info)
+        spill_ld = re.search(r"(\d+) bytes spill loads", info)
+        # Both dots on tensor cores: on sm_90 each warpgroup issues BLOCK_D/16 wgmma for QK^T and BLOCK_N/16 for
+        # PV per K/V block, in two bodies (unmasked loop + masked tail); an FMA fallback of either dot shows here.
+        n_wgmma, n_mma = ptx.count("wgmma.mma_async"), ptx.count("mma.sync")
+        mma = "wgmma" if n_wgmma else ("mma.sync" if n_mma else "none")
+        c = spec["constexprs"]
+        want = 2 * (c["BLOCK_D"] + c["BLOCK_N"]) // 16 if "BLOCK_N" in c else 0
+        both_dots = (n_wgmma >= want) if mma == "wgmma" else (mma == "mma.sync")
+        yield dict(name=spec["name"], regs=int(regs.group(1)) if regs else None,
+                   spill_stores=int(spill_st.group(1)) if spill_st else None,
+                   spill_loads=int(spill_ld.group(1)) if spill_ld else None,
+                   shared=kernel.metadata.shared, mma=mma, n_mma=n_wgmma or n_mma, both_dots_mma=both_dots,
+                   tensor_cores=spec["tensor_cores"], ptxas_rc=res.returncode)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import sys
+
+    for cap in (int(c) for c in (sys.argv[1:] or ["90", "80"])):
+        for row in _aot_report(cap):
+            print(cap, row, flush=True)

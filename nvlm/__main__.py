@@ -1,0 +1,3 @@
+from nvlm.cli import main
+
+raise SystemExit(main())

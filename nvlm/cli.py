@@ -1,0 +1,172 @@
+"""The ``nvlm`` command: chat | demo | plan | quantize | bench.
+
+Errors print one line (``nvlm: error: ...``) and exit with status 2; ``--debug`` shows the traceback instead.
+Heavy imports happen inside each subcommand so ``nvlm --help`` is instant.
+"""
+
+import argparse
+import sys
+import time
+
+DEMO_QUESTION = "What shape is on the left?"
+
+
+def _add_chat(sub):
+    p = sub.add_parser("chat", help="answer a question about one or more images (streams the answer)")
+    p.add_argument("question", help="the question; a bare question is wrapped in the ChatML prompt")
+    p.add_argument("--model", required=True, help="checkpoint folder (published NVLM-D layout or our quantised one)")
+    p.add_argument("--image", action="append", default=[], help="image file (repeat for several images)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--quant", default=None, choices=["int8", "int4", "bnb-nf4", "bnb-int8"],
+                   help="quantise while loading (a quantised checkpoint needs no flag)")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_chat)
+
+
+def _add_demo(sub):
+    p = sub.add_parser("demo", help="the main job on the embedded default: int4 model answers about an example image")
+    p.add_argument("--model", default=None, help="checkpoint folder (default: the embedded tiny model)")
+    p.add_argument("--image", default=None, help="image file (default: the shipped example image)")
+    p.add_argument("--question", default=DEMO_QUESTION)
+    p.add_argument("--quant", default="int4", choices=["none", "int8", "int4"])
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.set_defaults(func=cmd_demo)
+
+
+def _add_plan(sub):
+    p = sub.add_parser("plan", help="memory plan: bytes per part, GPUs needed, KV tokens that fit")
+    p.add_argument("--model", default="nvlm-d-72b", help="preset name or checkpoint folder")
+    p.add_argument("--quant", default="int4", choices=["bf16", "int8", "int4"])
+    p.add_argument("--gpu", default="h100-80gb", choices=["h100-80gb", "h200", "a100-80gb"])
+    p.add_argument("--context", type=int, default=32768)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_plan)
+
+
+def _add_quantize(sub):
+    p = sub.add_parser("quantize", help="quantise a checkpoint while streaming it and save the result")
+    p.add_argument("--model", required=True, help="source checkpoint folder")
+    p.add_argument("--out", required=True, help="destination folder (written atomically)")
+    p.add_argument("--quant", default="int4", choices=["int8", "int4"])
+    p.add_argument("--group-size", type=int, default=128)
+    p.set_defaults(func=cmd_quantize)
+
+
+def _add_bench(sub):
+    p = sub.add_parser("bench", help="benchmarks: every kernel against its baselines, in one run")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="options of bench.run: [--op NAME] [--quick] [--out DIR]")
+    p.set_defaults(func=cmd_bench)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="nvlm", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_chat, _add_demo, _add_plan, _add_quantize, _add_bench):
+        add(sub)
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def _quant_config(name, group_size=128):
+    """CLI name -> what ``NVLM.from_pretrained(quantization=...)`` takes (a name, or a config for a custom group)."""
+    if name in (None, "none", "bf16"):
+        return None
+    if name == "int4" and group_size != 128:
+        from nvlm.quant import Int4WeightOnly
+
+        return Int4WeightOnly(group_size=group_size)
+    return name
+
+
+def _dtype(name):
+    import torch
+
+    return None if name is None else getattr(torch, name)
+
+
+def cmd_chat(args):
+    import torch
+
+    from nvlm.model import NVLM
+
+    torch.manual_seed(args.seed)
+    model = NVLM.from_pretrained(args.model, dtype=_dtype(args.dtype), device=args.device,
+                                 quantization=_quant_config(args.quant))
+    images = args.image or None
+    gen = dict(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+               temperature=args.temperature or 1.0, top_p=args.top_p, top_k=args.top_k,
+               streamer=lambda text: print(text, end="", flush=True))
+    model.chat(images, args.question, **gen)
+    print()
+    return 0
+
+
+def cmd_plan(args):
+    import json
+
+    from nvlm.plan import format_plan, plan
+
+    p = plan(args.model, quant=args.quant, gpu=args.gpu, context=args.context, batch=args.batch,
+             group_size=args.group_size)
+    print(json.dumps(p.to_dict(), indent=2) if args.json else format_plan(p))
+    return 0
+
+
+def cmd_quantize(args):
+    from nvlm.model import NVLM
+
+    t0 = time.perf_counter()
+    model = NVLM.from_pretrained(args.model, quantization=_quant_config(args.quant, args.group_size))
+    model.save_pretrained(args.out)
+    print(f"nvlm: wrote {args.quant} checkpoint to {args.out} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def cmd_bench(args):
+    import os
+
+    # bench/ lives at the top of the source checkout (one file per op, runnable by pytest too), not inside the
+    # installed packages: `nvlm bench` finds it next to the nvlm package of an editable install.
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isfile(os.path.join(checkout, "bench", "run.py")):
+        raise RuntimeError("benchmarks live in the source checkout (bench/); run `nvlm bench` from an editable "
+                           "install (`make demo` sets one up)")
+    if checkout not in sys.path:
+        sys.path.insert(0, checkout)
+    from bench.run import main as bench_main
+
+    return bench_main(args.rest)
+
+
+def cmd_demo(args):
+    from nvlm.demo import run_demo
+
+    return run_demo(model_path=args.model, image=args.image, question=args.question, quant=args.quant,
+                    max_new_tokens=args.max_new_tokens)
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        print("nvlm: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # one line for users; the whole story with --debug
+        if args.debug:
+            raise
+        print(f"nvlm: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

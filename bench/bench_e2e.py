@@ -95,7 +95,8 @@ def _tiny_rows(quick: bool, device) -> list[harness.Row]:
     ids[0, PROMPT_TEXT_TOKENS // 2: PROMPT_TEXT_TOKENS // 2 + n_img] = cfg.img_context_token_id
     ids = ids.to(device)
     pixels = torch.randn(1, 3, s, s).to(device=device, dtype=torch.bfloat16)
-    reps = 5 if quick else 20
+    reps = 3 if quick else 20
+    min_s = 0.05 if quick else 0.5
     prompt = f"tiny-d 1 tile {s}px, prompt {ids.shape[1]} tok"
 
     rows, base = [], {}
@@ -107,9 +108,9 @@ def _tiny_rows(quick: bool, device) -> list[harness.Row]:
         wbytes = _weight_bytes(model)
         mem: dict = {}
         with torch.no_grad(), _peak_memory(device, mem):
-            t_img = harness.measure(model.extract_feature, args_list=[(pixels,)], reps=reps, min_time_s=0.1)
-            t_ttft = harness.measure(lambda: model(ids, pixels, use_cache=True, logits_to_keep=1),
-                                     reps=reps, min_time_s=0.1)
+            t_img = harness.measure(model.extract_feature, args_list=[(pixels,)], reps=reps, min_time_s=min_s)
+            t_ttft = harness.measure(lambda m: m(ids, pixels, use_cache=True, logits_to_keep=1),
+                                     args_list=[(model,)], reps=reps, min_time_s=min_s)
             cache = model(ids, pixels, use_cache=True, logits_to_keep=1).past_key_values
             ctx = cache.get_seq_length()
             nxt = ids[:, -1:]
@@ -118,7 +119,7 @@ def _tiny_rows(quick: bool, device) -> list[harness.Row]:
                 cache.lengths = [ctx] * len(cache.lengths)     # same cache length every call: same work
                 return model(nxt, past_key_values=cache, use_cache=True, logits_to_keep=1)
 
-            t_dec = harness.measure(decode_step, reps=reps * 2, min_time_s=0.1)
+            t_dec = harness.measure(decode_step, reps=reps * 2, min_time_s=min_s)
         mem_note = f", peak {mem['peak_bytes'] / 2**20:.0f} MiB" if "peak_bytes" in mem else ""
         note = f"weights {wbytes / 2**20:.2f} MiB{mem_note}"
         for part, t, shape, extra in (

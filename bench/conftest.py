@@ -43,7 +43,19 @@ def _make_test(mod):
     return test_run
 
 
+def _is_bench(file_path) -> bool:
+    return file_path.suffix == ".py" and file_path.name.startswith("bench_")
+
+
 def pytest_collect_file(file_path, parent):
-    if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
+    # bench_*.py do not match pytest's test_*.py pattern, so a directory run (``pytest bench/``) needs this hook;
+    # a file named on the command line is collected by pytest itself (through pytest_pycollect_makemodule below)
+    if _is_bench(file_path) and not parent.session.isinitpath(file_path):
         return _BenchModule.from_parent(parent, path=file_path)
+    return None
+
+
+def pytest_pycollect_makemodule(module_path, parent):
+    if _is_bench(module_path):
+        return _BenchModule.from_parent(parent, path=module_path)
     return None

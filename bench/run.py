@@ -77,7 +77,7 @@ def write_chart(rows: list[Row], path: str, title: str) -> bool:
 
     n_speed = sum(len(r.speedup) for r in speed_rows)
     height = max(3.0, 0.28 * max(n_speed, len(pct_rows)) + 1.5)
-    fig, axes = plt.subplots(1, 2, figsize=(16, height))
+    fig, axes = plt.subplots(1, 2, figsize=(20, height))
     ax = axes[0]
     labels, values = [], []
     for r in speed_rows:
@@ -100,6 +100,7 @@ def write_chart(rows: list[Row], path: str, title: str) -> bool:
     ax.set_title("% of measured machine limit")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
+    fig.subplots_adjust(left=0.2, wspace=0.9)  # room for the long row labels of both panels
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True

@@ -25,6 +25,9 @@ def _add_chat(sub):
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel degree: run under `torchrun --nproc-per-node N` with --tp N (gloo on CPU, "
+                        "NCCL with --device cuda: each rank uses cuda:LOCAL_RANK)")
     p.set_defaults(func=cmd_chat)
 
 
@@ -47,6 +50,7 @@ def _add_plan(sub):
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--tp", type=int, default=None, help="also give the bytes per GPU at this tensor-parallel degree")
     p.set_defaults(func=cmd_plan)
 
 
@@ -92,20 +96,55 @@ def _dtype(name):
     return None if name is None else getattr(torch, name)
 
 
+class _TextStreamer:
+    """``generate`` callback that prints the reply as it grows. A byte-level BPE token can end inside a UTF-8
+    character, so it decodes the whole reply so far and prints only the new, complete part."""
+
+    def __init__(self, processor):
+        self.processor = processor
+        self.stops = set(processor.stop_token_ids)
+        self.ids: list[int] = []
+        self.printed = ""
+
+    def __call__(self, tokens):
+        token = int(tokens[0])
+        if token in self.stops:
+            return
+        self.ids.append(token)
+        text = self.processor.decode(self.ids)
+        if text.endswith("\ufffd"):          # an incomplete character: wait for the next token
+            return
+        print(text[len(self.printed):], end="", flush=True)
+        self.printed = text
+
+
 def cmd_chat(args):
     import torch
 
     from nvlm.model import NVLM
 
     torch.manual_seed(args.seed)
+    rank = 0
+    if args.tp != 1:       # every rank loads its slices and runs the same generation; rank 0 prints
+        from nvlm.tp import init_tp
+
+        rank, world = init_tp(args.device)
+        if world != args.tp:
+            raise ValueError(f"--tp {args.tp} but torchrun started {world} processes (--nproc-per-node)")
     model = NVLM.from_pretrained(args.model, dtype=_dtype(args.dtype), device=args.device,
-                                 quantization=_quant_config(args.quant))
+                                 quantization=_quant_config(args.quant), tp_size=args.tp, progress=rank == 0)
     images = args.image or None
     gen = dict(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
-               temperature=args.temperature or 1.0, top_p=args.top_p, top_k=args.top_k,
-               streamer=lambda text: print(text, end="", flush=True))
+               temperature=args.temperature or 1.0, top_p=args.top_p, top_k=args.top_k)
+    if rank == 0:
+        gen["callback"] = _TextStreamer(model.processor)
     model.chat(images, args.question, **gen)
-    print()
+    if rank == 0:
+        print(flush=True)
+    if args.tp != 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     return 0
 
 
@@ -115,7 +154,7 @@ def cmd_plan(args):
     from nvlm.plan import format_plan, plan
 
     p = plan(args.model, quant=args.quant, gpu=args.gpu, context=args.context, batch=args.batch,
-             group_size=args.group_size)
+             group_size=args.group_size, **({"tp": args.tp} if args.tp is not None else {}))
     print(json.dumps(p.to_dict(), indent=2) if args.json else format_plan(p))
     return 0
 
@@ -164,7 +203,8 @@ def main(argv=None):
     except Exception as e:  # one line for users; the whole story with --debug
         if args.debug:
             raise
-        print(f"nvlm: error: {e}", file=sys.stderr)
+        message = " ".join(str(e).split()) or type(e).__name__    # one line, whatever the exception holds
+        print(f"nvlm: error: {message}", file=sys.stderr)
         return 2
 
 

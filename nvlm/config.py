@@ -286,6 +286,14 @@ class NVLMConfig:
     torch_dtype: str = "bfloat16"
     #: id of ``<|vision_pad|>``; ``from_pretrained`` sets it from the tokenizer by name (never hard-coded here).
     img_context_token_id: int | None = None
+    #: NVLM-X/H only (ignored for D and not written to a D config.json): one gated cross-attention block after
+    #: every ``xattn_every``-th decoder layer, ``num_hidden_layers // xattn_every`` blocks (8 -> 10 for 72B, paper).
+    xattn_every: int = 8
+    #: NVLM-X/H only: each cross-attention block also has its own tanh(beta)-gated SwiGLU FFN (Qwen2-sized).
+    #: Default True: the paper calls its layers "similar to Flamingo" and Flamingo's GATED XATTN-DENSE block (like
+    #: Llama-3.2-Vision's cross-attention layer, the other public design of this kind) is attention + gated FFN;
+    #: it costs 7.27B parameters at 72B (10 x 727M). False gives the attention-only block (1.51B at 72B).
+    xattn_ffn: bool = True
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -317,6 +325,11 @@ class NVLMConfig:
     def dtype(self) -> torch.dtype:
         return _DTYPES[self.torch_dtype]
 
+    @property
+    def num_xattn_layers(self) -> int:
+        """Gated cross-attention blocks (NVLM-X/H): one after decoder layers xattn_every-1, 2*xattn_every-1, ..."""
+        return self.llm.num_hidden_layers // self.xattn_every if self.arch in ("X", "H") else 0
+
     def validate(self) -> None:
         if self.arch not in ARCHS:
             raise _err("", "arch", f"must be one of {ARCHS}, got {self.arch!r}")
@@ -339,6 +352,12 @@ class NVLMConfig:
                                                 f"max_dynamic_patch ({self.max_dynamic_patch})")
         if self.torch_dtype not in _DTYPES:
             raise _err("", "torch_dtype", f"must be one of {sorted(_DTYPES)}, got {self.torch_dtype!r}")
+        if self.arch in ("X", "H") and (isinstance(self.xattn_every, bool) or not isinstance(self.xattn_every, int)
+                                        or not 1 <= self.xattn_every <= self.llm.num_hidden_layers):
+            raise _err("", "xattn_every", f"must be an int in [1, num_hidden_layers={self.llm.num_hidden_layers}], "
+                                          f"got {self.xattn_every!r}")
+        if not isinstance(self.xattn_ffn, bool):
+            raise _err("", "xattn_ffn", f"must be true or false, got {self.xattn_ffn!r}")
         if self.img_context_token_id is not None and not 0 <= self.img_context_token_id < self.llm.vocab_size:
             raise _err("", "img_context_token_id", f"({self.img_context_token_id}) is outside the vocabulary "
                                                    f"(size {self.llm.vocab_size})")
@@ -391,6 +410,8 @@ class NVLMConfig:
             image_tag_type=_take(d, "image_tag_type", str, "", None),
             torch_dtype=_take(d, "torch_dtype", str, "", "bfloat16"),
             img_context_token_id=_take(d, "img_context_token_id", int, "", None),
+            xattn_every=_take(d, "xattn_every", int, "", 8),
+            xattn_ffn=_take(d, "xattn_ffn", bool, "", True),
             extra={k: v for k, v in d.items() if k not in known and k not in ("vision_config", "llm_config")},
         )
         cfg.validate()
@@ -404,6 +425,8 @@ class NVLMConfig:
         for f in dataclasses.fields(self):
             if f.name in ("vision", "llm", "extra", "arch"):
                 continue
+            if f.name in ("xattn_every", "xattn_ffn") and self.arch == "D":
+                continue  # the published D file has no such keys
             value = getattr(self, f.name)
             if value is None and f.name in ("img_context_token_id", "template", "image_tag_type"):
                 continue
@@ -487,6 +510,77 @@ def _tiny_d() -> NVLMConfig:
         ),
         arch="D",
         force_image_size=224,           # 448
+        max_dynamic_patch=6,
+        use_thumbnail=True,
+        ps_version="v2",
+    )
+
+
+def _with_arch(config: NVLMConfig, arch: str, xattn_every: int) -> NVLMConfig:
+    """``config`` turned into NVLM-X or NVLM-H (same ViT, tiling and Qwen2 backbone; spec §7)."""
+    config.arch = arch
+    config.xattn_every = xattn_every
+    config.xattn_ffn = True
+    config.extra["architectures"] = [ARCH_MODEL_TYPES[arch]]
+    config.extra["model_type"] = ARCH_MODEL_TYPES[arch]
+    return config
+
+
+@register_preset("nvlm-x-72b")
+def _nvlm_x_72b() -> NVLMConfig:
+    """NVLM-X-72B (paper only, spec §7): the decoder holds text + tile-tag text; 10 gated cross-attention blocks
+    (one after every 8th of the 80 layers) read the image tokens through a one-layer projector 12800 -> 8192."""
+    return _with_arch(_nvlm_d_72b(), "X", 8)
+
+
+@register_preset("nvlm-h-72b")
+def _nvlm_h_72b() -> NVLMConfig:
+    """NVLM-H-72B (paper only, spec §7): thumbnail tokens in the decoder through D's 2-layer mlp1; the regular
+    tiles (each after its tile-tag embeddings) are the memory of 10 gated cross-attention blocks."""
+    return _with_arch(_nvlm_d_72b(), "H", 8)
+
+
+@register_preset("tiny-x")
+def _tiny_x() -> NVLMConfig:
+    """NVLM-X at test size: tiny-d's shapes, a cross-attention block after each of the 2 decoder layers."""
+    return _with_arch(_tiny_d(), "X", 1)
+
+
+@register_preset("tiny-h")
+def _tiny_h() -> NVLMConfig:
+    """NVLM-H at test size: tiny-d's shapes, a cross-attention block after each of the 2 decoder layers."""
+    return _with_arch(_tiny_d(), "H", 1)
+
+
+@register_preset("small-d")
+def _small_d() -> NVLMConfig:
+    """The small NVLM-D trained by ``nvlm train`` (nvlm/assets/nvlm-d-small): 112-px tiles (16 image tokens per
+    tile after the shuffle, <= 112 per image), every Linear's K a multiple of 128 so int4 (group 128) quantises all
+    of them; ~5.5 M parameters (~11 MB in bf16)."""
+    return NVLMConfig(
+        vision=VisionConfig(
+            hidden_size=256,            # 3200
+            num_attention_heads=4,      # 25 (head_dim 64)
+            num_dummy_heads=0,          # 7: no tensor-parallel padding at this size (keeps proj K = 256)
+            intermediate_size=512,      # 12800
+            num_hidden_layers=3,        # 45
+            image_size=112,             # 448 -> 8x8 patches -> 16 tokens per tile after the shuffle (256)
+            patch_size=14,
+        ),
+        llm=LLMConfig(
+            vocab_size=TINY_VOCAB_SIZE,  # 152064
+            hidden_size=256,            # 8192
+            intermediate_size=512,      # 29568
+            num_hidden_layers=4,        # 80
+            num_attention_heads=4,      # 64 (head_dim 64)
+            num_key_value_heads=2,      # 8
+            max_position_embeddings=1024,
+            bos_token_id=None,          # set from the tokenizer by nvlm.train
+            eos_token_id=None,
+            extra={"architectures": ["Qwen2ForCausalLM"], "attention_bias": True, "mlp_bias": False},
+        ),
+        arch="D",
+        force_image_size=112,           # 448
         max_dynamic_patch=6,
         use_thumbnail=True,
         ps_version="v2",

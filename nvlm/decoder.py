@@ -11,6 +11,10 @@ the whole sequence (image tokens included). RMSNorm: fp32 statistic, cast to the
 
 Keys (under ``language_model.``): ``model.embed_tokens``, ``model.layers.N.{self_attn.{q,k,v,o}_proj,
 mlp.{gate,up,down}_proj, input_layernorm, post_attention_layernorm}``, ``model.norm``, ``lm_head``.
+
+NVLM-X/H (``xattn_every > 0``): ``model.xattn_layers.N`` (``nvlm.xattn.GatedCrossAttentionBlock``) runs after
+decoder layer ``(N + 1) * xattn_every - 1`` when the forward is given an ``XAttnContext`` (image memory K/V and
+per-token ranges); without one (no image) the blocks are skipped, which equals running them (every row empty).
 """
 
 from __future__ import annotations
@@ -31,6 +35,14 @@ class KVCache:
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.lengths = [0] * num_layers
+        # NVLM-X/H: the image memory's K/V of every cross-attention block ([B, Hkv, M, D]), computed once at
+        # prefill, and each row's memory length [B] int32 (decode tokens see [0, length)). None: no image.
+        self.xattn_keys: list[torch.Tensor] | None = None
+        self.xattn_values: list[torch.Tensor] | None = None
+        self.memory_lengths: torch.Tensor | None = None
+
+    def set_xattn(self, keys: list[torch.Tensor], values: list[torch.Tensor], memory_lengths: torch.Tensor) -> None:
+        self.xattn_keys, self.xattn_values, self.memory_lengths = list(keys), list(values), memory_lengths
 
     def get_seq_length(self, layer: int = 0) -> int:
         return self.lengths[layer]
@@ -143,29 +155,36 @@ class Qwen2DecoderLayer(nn.Module):
 
 
 class Qwen2Model(nn.Module):
-    def __init__(self, cfg: LLMConfig):
+    def __init__(self, cfg: LLMConfig, xattn_every: int = 0, xattn_ffn: bool = True):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Qwen2DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        if xattn_every:
+            from nvlm.xattn import GatedCrossAttentionBlock
+
+            self.xattn_layers = nn.ModuleList(GatedCrossAttentionBlock(cfg, ffn=xattn_ffn)
+                                              for _ in range(cfg.num_hidden_layers // xattn_every))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class Qwen2ForCausalLM(nn.Module):
-    def __init__(self, cfg: LLMConfig):
+    def __init__(self, cfg: LLMConfig, xattn_every: int = 0, xattn_ffn: bool = True):
         super().__init__()
         self.config = cfg
-        self.model = Qwen2Model(cfg)
+        self.xattn_every = xattn_every      # 0: plain Qwen2 (NVLM-D)
+        self.model = Qwen2Model(cfg, xattn_every, xattn_ffn)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def new_cache(self) -> KVCache:
         return KVCache(self.config.num_hidden_layers)
 
     def forward(self, inputs_embeds: torch.Tensor, past_key_values: KVCache | None = None,
-                logits_to_keep: int = 0) -> torch.Tensor:
+                logits_to_keep: int = 0, xattn=None) -> torch.Tensor:
         """``inputs_embeds [B, L, H] -> logits [B, L', V]`` (``L' = logits_to_keep`` last positions, 0 = all).
 
         With ``past_key_values`` the new tokens take positions ``cache_len .. cache_len + L - 1`` and their keys and
-        values are appended to the cache.
+        values are appended to the cache. ``xattn``: an ``nvlm.xattn.XAttnContext`` for the cross-attention blocks
+        (NVLM-X/H); None skips them.
         """
         cfg = self.config
         b, n, _ = inputs_embeds.shape
@@ -173,8 +192,12 @@ class Qwen2ForCausalLM(nn.Module):
         positions = torch.arange(past, past + n, device=inputs_embeds.device)
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, inputs_embeds.dtype)
         h = inputs_embeds
-        for layer in self.model.layers:
+        every = self.xattn_every if xattn is not None else 0
+        for i, layer in enumerate(self.model.layers):
             h = layer(h, cos, sin, past_key_values)
+            if every and (i + 1) % every == 0:
+                j = (i + 1) // every - 1
+                h = self.model.xattn_layers[j](h, xattn.keys[j], xattn.values[j], xattn.kv_start, xattn.kv_end)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         return self.lm_head(self.model.norm(h))

@@ -23,13 +23,15 @@ truncated and non-image inputs raise `ValueError` naming the input. A plain RGB 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import threading
 from collections.abc import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -107,6 +109,31 @@ def _open(src, name: str) -> Image.Image:
         raise ValueError(f"cannot read image {name}: {e}") from e
 
 
+_strict_lock = threading.Lock()
+_strict_users = 0
+_saved_truncated_flag = False
+
+
+@contextlib.contextmanager
+def _strict_truncation():
+    """Decode with Pillow's global ``ImageFile.LOAD_TRUNCATED_IMAGES`` off, even if other code turned it on (Pillow
+    would then fill the missing part of a truncated file with grey: a silent wrong answer). Counted, so concurrent
+    loads overlap freely; the caller's setting is restored when the last one finishes."""
+    global _strict_users, _saved_truncated_flag
+    with _strict_lock:
+        if _strict_users == 0:
+            _saved_truncated_flag = ImageFile.LOAD_TRUNCATED_IMAGES
+        _strict_users += 1
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        with _strict_lock:
+            _strict_users -= 1
+            if _strict_users == 0:
+                ImageFile.LOAD_TRUNCATED_IMAGES = _saved_truncated_flag
+
+
 def to_rgb(img: Image.Image, background: tuple[int, int, int] = _WHITE) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB (returns a new image).
 
@@ -175,7 +202,8 @@ def load_image(
                 f"{max_pixels:,} (decompression-bomb guard; pass a larger max_pixels to allow it)"
             )
         try:
-            img.load()  # decode everything now: truncated or corrupt data raises here
+            with _strict_truncation():
+                img.load()  # decode everything now: truncated or corrupt data raises here
             img = ImageOps.exif_transpose(img)
         except (OSError, SyntaxError, EOFError, ValueError, MemoryError) as e:
             raise ValueError(f"cannot decode image {name} (truncated or corrupt?): {e}") from e

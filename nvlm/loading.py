@@ -15,6 +15,13 @@ Load (``load_pretrained``):
    target is a quantised linear). Peak host memory is the finished model plus about one tensor; a tqdm bar
    counts bytes.
 
+NVLM-X / NVLM-H checkpoints (our own layout, documented in ``nvlm.xattn``) load and save the same way:
+``config.json``'s ``arch`` selects the architecture, and the key check above covers the cross-attention blocks.
+
+Failures: the device is checked before any file is opened (an absent GPU is a ``ValueError``); running out of
+memory while streaming re-raises ``torch.OutOfMemoryError`` with ``nvlm.plan``'s advice (GPUs needed per format,
+which quantisation fits); a quantised checkpoint whose ``quantization_config`` is unusable names config.json.
+
 Save (``save_pretrained``): sharded safetensors + index + config.json (+ the tokenizer files of the folder the
 model came from) into a hidden temporary folder next to the target, renamed into place only when complete, so an
 interrupted save never leaves a folder that looks like a checkpoint.
@@ -185,7 +192,11 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, d
 
     folder = Path(path)
     if not folder.is_dir():
-        raise ValueError(f"checkpoint folder {str(folder)!r} does not exist")
+        raise ValueError(f"checkpoint folder {str(folder)!r} " + ("is a file, not a folder" if folder.exists()
+                                                                   else "does not exist"))
+    device = _check_device(device)     # an absent GPU fails here, before any file is opened
+    if not (folder / CONFIG_NAME).is_file():
+        raise ValueError(f"{str(folder)!r} is not an NVLM checkpoint folder: it has no {CONFIG_NAME}")
     config = NVLMConfig.from_json(folder / CONFIG_NAME)
     token_id = _tokenizer_context_id(folder)
     if token_id is not None:
@@ -210,7 +221,13 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, d
             raise NotImplementedError("quantised loading needs nvlm.quant, which is not available yet") from None
         quant_cls = quant.QuantLinear
     if stored_quant is not None:       # stored keys are the quantised layout: qweight, scale(s), zeros, bias
-        quant.quantize_(model, stored_quant)
+        try:
+            if not isinstance(stored_quant, dict):
+                raise ValueError(f"it must be a JSON object, got {type(stored_quant).__name__}")
+            quant.quantize_(model, stored_quant)
+        except ValueError as e:        # unknown method, unsupported group size, ...
+            raise ValueError(f"checkpoint {str(folder / CONFIG_NAME)!r} has an unusable 'quantization_config': "
+                             f"{e}") from None
     expected_meta = dict(model.state_dict())
     expected = {k: tuple(v.shape) for k, v in expected_meta.items()}
     unknown = [k for k in weight_map if k not in expected]
@@ -250,7 +267,11 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, d
                     raise ValueError(f"checkpoint key {key!r} in {str(folder / name)!r} has shape {shape}, "
                                      f"expected {list(expected[key])}")
                 want_float = expected_meta[key].is_floating_point()
-                if st_dtype not in _ST_DTYPES or _ST_DTYPES[st_dtype].is_floating_point != want_float:
+                found = _ST_DTYPES.get(st_dtype)
+                # float weights may come in any float dtype (cast on load); packed integers must match exactly
+                # (int8 read as uint8 would silently change every weight)
+                if found is None or found.is_floating_point != want_float \
+                        or (not want_float and found != expected_meta[key].dtype):
                     raise ValueError(f"checkpoint key {key!r} in {str(folder / name)!r} has dtype {st_dtype}, "
                                      f"expected {'a floating-point' if want_float else expected_meta[key].dtype} "
                                      f"dtype")
@@ -263,14 +284,18 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, d
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="loading", disable=not progress)
-    with bar:
-        for name in sorted(by_file):
-            for key, tensor in _read_tensors(folder / name, by_file[name]):
-                nbytes = tensor.numel() * tensor.element_size()
-                tensor = tensor.to(device=device, dtype=_target_dtype(key, tensor, dtype, stored_quant))
-                _assign_tensor(model, key, tensor, quant_cls)
-                del tensor
-                bar.update(nbytes)
+    try:
+        with bar:
+            for name in sorted(by_file):
+                for key, tensor in _read_tensors(folder / name, by_file[name]):
+                    nbytes = tensor.numel() * tensor.element_size()
+                    tensor = tensor.to(device=device, dtype=_target_dtype(key, tensor, dtype, stored_quant))
+                    _assign_tensor(model, key, tensor, quant_cls)
+                    del tensor
+                    bar.update(nbytes)
+    except torch.OutOfMemoryError as e:  # the bare CUDA message says nothing about what would fit: ask the planner
+        model = None                     # drop the half-loaded weights before planning
+        raise torch.OutOfMemoryError(_oom_advice(folder, config, stored_quant or quantization, device, e)) from e
     still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if still_meta:
         raise ValueError(f"checkpoint {str(folder)!r} left {still_meta[0]!r} unset")
@@ -278,6 +303,69 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, d
     model.source_path = folder
     model.processor = _load_processor(folder)
     return model
+
+
+def _check_device(device) -> torch.device:
+    """``device`` as a ``torch.device``; ``ValueError`` if this machine does not have it (checked before loading)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"from_pretrained: argument 'device' {device!r} is not a device: {e}") from None
+    if dev.type in ("cpu", "meta"):
+        return dev
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (dev.index or 0) >= count:
+            raise ValueError(f"from_pretrained: argument 'device' is {str(dev)!r} but this machine has {count} "
+                             f"usable CUDA device(s); nothing was loaded")
+        return dev
+    try:
+        torch.empty(0, device=dev)
+    except Exception as e:
+        raise ValueError(f"from_pretrained: argument 'device' {str(dev)!r} is not available here: {e}") from None
+    return dev
+
+
+_PLAN_QUANT = {"int8": "int8", "int8_weight_only": "int8", "bnb-int8": "int8", "bnb_int8": "int8",
+               "int4": "int4", "int4_weight_only": "int4", "bnb-nf4": "int4", "bnb_nf4": "int4"}
+
+
+def _oom_advice(folder: Path, config: NVLMConfig, quantization, device: torch.device, error: Exception) -> str:
+    """The message for an out-of-memory error while loading: what the planner (``nvlm.plan``) says would fit."""
+    if isinstance(quantization, dict):
+        method = quantization.get("method")
+    else:
+        method = quantization if isinstance(quantization, str) else getattr(quantization, "method", None)
+    current = _PLAN_QUANT.get(method, "bf16")
+    gpu = "h100-80gb"
+    try:
+        from nvlm.plan import GPUS, plan
+
+        if device.type == "cuda" and torch.cuda.is_available():   # the listed GPU closest in memory size
+            total = torch.cuda.get_device_properties(device).total_memory
+            gpu = min(GPUS, key=lambda g: abs(GPUS[g] - total))
+        plans = {q: plan(config, quant=q, gpu=gpu, context=config.llm.max_position_embeddings)
+                 for q in ("bf16", "int8", "int4")}
+    except Exception as e:  # the advice must never hide the real error
+        return f"out of memory while loading {str(folder)!r} onto {device} ({current}): {error} (planner failed: {e})"
+    need = {q: (f"{p.gpus_needed} GPU" + ("s" if p.gpus_needed != 1 else "")) if p.gpus_needed else "does not fit"
+            for q, p in plans.items()}
+    one = [q for q in ("bf16", "int8", "int4") if plans[q].gpus_needed == 1]
+    best = min((q for q in plans if plans[q].gpus_needed), key=lambda q: plans[q].gpus_needed, default=current)
+    if one and one[0] != current:
+        best = one[0]
+        advice = f"load with quantization={best!r} (CLI: --quant {best}) to fit one {gpu}"
+    elif one:
+        advice = f"the planner says {current} fits one {gpu}: free GPU memory used by other processes or tensors"
+    elif plans[best].gpus_needed:
+        advice = f"use {plans[best].gpus_needed} x {gpu} (tensor parallel) with {best}"
+    else:
+        advice = f"no tensor-parallel group of {gpu} holds it"
+    weights = ", ".join(f"{q} {plans[q].weights_bytes / 1e9:.1f} GB weights -> {need[q]}" for q in plans)
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return (f"out of GPU memory while loading {str(folder)!r} onto {device} as {current} ({first}). Planner for "
+            f"{gpu}, {config.llm.max_position_embeddings}-token context: {weights}. Advice: {advice}; details: "
+            f"`nvlm plan --model {folder} --quant {best} --gpu {gpu}`")
 
 
 def _target_dtype(key: str, tensor: torch.Tensor, dtype: torch.dtype, stored_quant) -> torch.dtype:

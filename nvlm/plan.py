@@ -71,6 +71,13 @@ class Plan:
     fits_one_gpu: bool
     kv_tokens_one_gpu: int                  # KV-cache tokens that fit next to the weights on one GPU (0 if none)
     notes: list[str] = field(default_factory=list)
+    # plan(tp=N) only: bytes on EACH of the N GPUs of nvlm.tp (decoder split, vision tower/projector/norms
+    # replicated, KV heads split), and whether that fits (False also when int4 groups cannot split N ways).
+    tp_size: int | None = None
+    tp_weights_bytes_per_gpu: int | None = None
+    tp_kv_cache_bytes_per_gpu: int | None = None
+    tp_total_bytes_per_gpu: int | None = None
+    tp_fits: bool | None = None
 
     @property
     def total_params(self) -> int:
@@ -149,6 +156,48 @@ def _count_weights_cached(config_json: str, quant: str, group_size: int, include
     return params, nbytes, zero_extra
 
 
+def tp_weights_per_gpu(config: NVLMConfig, tp: int, quant: str = "bf16", group_size: int = 128,
+                       include_lm_head: bool = False) -> tuple[int, str | None, int]:
+    """``(weight bytes on each GPU, problem, MLP intermediate size)`` under ``nvlm.tp`` at degree ``tp``: keys
+    ``nvlm.tp.shard_dim`` splits count ``1/tp``, the rest (vision tower, projector, norms, int8 scales of
+    row-parallel layers) whole; int4 MLPs at their zero-padded size (``nvlm.tp.mlp_intermediate_padded``).
+    ``problem``: why ``nvlm.tp`` would refuse this split (int4 groups straddling ranks), else None."""
+    key = json.dumps(config.to_dict(), sort_keys=True)
+    return _tp_weights_cached(key, tp, quant, group_size if quant == "int4" else 0, include_lm_head)
+
+
+@functools.lru_cache(maxsize=32)
+def _tp_weights_cached(config_json: str, tp: int, quant: str, group_size: int, include_lm_head: bool):
+    from nvlm.tp import MLP_RE, ROW_RE, check_int4_groups, check_tp_config, mlp_intermediate_padded, shard_dim
+
+    config = NVLMConfig.from_json(json.loads(config_json))
+    check_tp_config(config, tp)
+    model = _meta_model(config)
+    problem, size_i, padded_i = None, config.llm.intermediate_size, config.llm.intermediate_size
+    if quant != "bf16":
+        from nvlm.quant import QuantLinear, quantize_
+
+        quantized = _meta_model(config)
+        quantize_(quantized, _quant_config(quant, group_size, include_lm_head))
+        if quant == "int4":
+            selected = {n for n, m in quantized.named_modules() if isinstance(m, QuantLinear)}
+            if any(MLP_RE.match(n) and ROW_RE.match(n) for n in selected):   # as nvlm.tp.load_pretrained_tp
+                padded_i = mlp_intermediate_padded(size_i, tp, group_size)
+            try:
+                check_int4_groups(model, tp, group_size, selected, skip_mlp=True)
+            except ValueError as e:
+                problem = str(e)
+        model = quantized
+    total = 0
+    for key, t in model.state_dict().items():
+        size = t.numel() * (t.element_size() if not t.is_floating_point() or key.endswith((".scale", ".scales"))
+                            else _VALUE_BYTES)
+        if MLP_RE.match(key.rpartition(".")[0]):
+            size = size * padded_i // size_i          # zero-padded intermediate (int4 groups per rank)
+        total += size // tp if shard_dim(key) is not None else size
+    return total, problem, padded_i
+
+
 def kv_bytes_per_token(config: NVLMConfig) -> int:
     llm = config.llm
     return llm.num_hidden_layers * 2 * llm.num_key_value_heads * llm.head_dim * _VALUE_BYTES
@@ -194,9 +243,10 @@ def _resolve_config(config_or_preset) -> tuple[NVLMConfig, str]:
 
 
 def plan(config_or_preset, quant: str = "bf16", gpu: str = "h100-80gb", context: int = 32768, batch: int = 1,
-         group_size: int = 128, include_lm_head: bool = False) -> Plan:
+         group_size: int = 128, include_lm_head: bool = False, tp: int | None = None) -> Plan:
     """Bytes per part, KV cache, headroom, GPUs needed and KV room of ``config_or_preset`` (an ``NVLMConfig``, a
-    preset name such as ``"nvlm-d-72b"``, or a checkpoint folder / config.json) in format ``quant`` on ``gpu``."""
+    preset name such as ``"nvlm-d-72b"``, or a checkpoint folder / config.json) in format ``quant`` on ``gpu``.
+    ``tp``: also the bytes on each GPU of an ``nvlm.tp`` tensor-parallel group of that size (``Plan.tp_*``)."""
     config, name = _resolve_config(config_or_preset)
     if quant not in QUANTS:
         raise ValueError(f"plan: argument 'quant' must be one of {QUANTS}, got {quant!r}")
@@ -233,6 +283,22 @@ def plan(config_or_preset, quant: str = "bf16", gpu: str = "h100-80gb", context:
     if gpus_needed is not None and gpus_needed > 1:
         notes.append(f"{gpus_needed} GPUs = tensor-parallel degree (divides the {kv_heads} KV heads); headroom "
                      f"counted once per GPU")
+    tp_fields = {}
+    if tp is not None:
+        if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+            raise ValueError(f"plan: argument 'tp' must be a positive integer, got {tp!r}")
+        tp_weights, problem, padded_i = tp_weights_per_gpu(config, tp, quant, group_size, include_lm_head)
+        tp_kv = -(-kv // tp)
+        tp_total = tp_weights + tp_kv + act
+        tp_fields = dict(tp_size=tp, tp_weights_bytes_per_gpu=tp_weights, tp_kv_cache_bytes_per_gpu=tp_kv,
+                         tp_total_bytes_per_gpu=tp_total, tp_fits=problem is None and tp_total <= capacity)
+        notes.append(f"--tp {tp} (nvlm.tp): decoder, embeddings and lm_head split {tp} ways; vision tower, "
+                     f"projector and norms replicated on every GPU")
+        if padded_i != config.llm.intermediate_size:
+            notes.append(f"--tp {tp} int4 g{group_size}: MLP intermediate size zero-padded "
+                         f"{config.llm.intermediate_size} -> {padded_i} so no group straddles two GPUs")
+        if problem:
+            notes.append(f"--tp {tp} refused: {problem}")
     return Plan(
         model=name, quant=quant, group_size=group_size if quant == "int4" else None,
         include_lm_head=include_lm_head, gpu=gpu, gpu_bytes=capacity, context=context, batch=batch,
@@ -240,7 +306,7 @@ def plan(config_or_preset, quant: str = "bf16", gpu: str = "h100-80gb", context:
         weights_bytes_fp16_zero=weights + zero_extra if quant == "int4" else None,
         kv_bytes_per_token=per_token, kv_cache_bytes=kv, activation_bytes=act, total_bytes=total,
         gpus_needed=gpus_needed, fits_one_gpu=total <= capacity,
-        kv_tokens_one_gpu=max(0, room // per_token), notes=notes)
+        kv_tokens_one_gpu=max(0, room // per_token), notes=notes, **tp_fields)
 
 
 def _gb(b: int) -> str:
@@ -268,5 +334,12 @@ def format_plan(p: Plan) -> str:
     else:
         verdict = f"needs {p.gpus_needed} x {p.gpu}"
     lines.append(f"  => {verdict}; KV tokens that fit on one GPU next to the weights: {p.kv_tokens_one_gpu:,}")
+    if p.tp_size is not None:
+        lines += ["", f"  tensor parallel --tp {p.tp_size}, per GPU:",
+                  f"  {'weights':<22}{'':>16}  {_gb(p.tp_weights_bytes_per_gpu)}",
+                  f"  {'KV cache':<22}{'':>16}  {_gb(p.tp_kv_cache_bytes_per_gpu)}",
+                  f"  {'activation headroom':<22}{'':>16}  {_gb(p.activation_bytes)}",
+                  f"  {'total per GPU':<22}{'':>16}  {_gb(p.tp_total_bytes_per_gpu)}",
+                  f"  => {p.tp_size} x {p.gpu}: " + ("fits" if p.tp_fits else "does NOT fit")]
     lines += [f"  note: {n}" for n in p.notes]
     return "\n".join(lines)

@@ -32,6 +32,16 @@ Two kinds of `text`:
 The number of `<image>` placeholders must equal the number of images. An empty question is allowed when there is
 at least one image (the prompt is then just the image); with no image and no text `__call__` raises.
 
+Modes (`mode=`, default "D"; `from_pretrained` takes it from config.json's `arch`): "D" as above. "X" and "H"
+(NVLM-X / NVLM-H, see `nvlm.xattn`) write the image text without image slots and return the cross-attention
+layout (`inputs["xattn_layout"]`, an `nvlm.xattn.XAttnLayout`) beside `input_ids`:
+
+    X: <Image> <tile_1> <tile_2> ... <tile_global_thumbnail> </Image>          (tags only; tiles go to the memory)
+    H: <Image> <tile_global_thumbnail> P..P </Image>                           (thumbnail slots, as in D)
+
+In these modes each tile tag is BPE-encoded on its own (Megatron's convention), so every token is either a tag's
+or ordinary text and the per-token ranges are exact; `<Image>` / `</Image>` stay in their surrounding text runs.
+
 Special ids are looked up by name in the tokenizer (`<|im_end|>` 151645, `<|vision_pad|>` 151654 in the real
 Qwen2 tokenizer; other numbers in the test tokenizer), never hard-coded.
 """
@@ -105,6 +115,7 @@ class NVLMProcessor:
         max_context: longest prompt accepted (llm_config.max_position_embeddings).
         system_message: text of the system turn; None or "" leaves the system turn out.
         max_pixels: decompression-bomb cap passed to `nvlm.image.load_image`.
+        mode: "D" (NVLM-D image slots), "X" or "H" (cross-attention layouts; module docstring).
     """
 
     def __init__(
@@ -121,7 +132,11 @@ class NVLMProcessor:
         max_context: int = 32768,
         system_message: str | None = SYSTEM_MESSAGE,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        mode: str = "D",
     ):
+        if mode not in ("D", "X", "H"):
+            raise ValueError(f"mode must be 'D', 'X' or 'H', got {mode!r}")
+        self.mode = mode
         if isinstance(tokenizer, (str, os.PathLike)):
             path = os.fspath(tokenizer)
             try:
@@ -201,6 +216,9 @@ class NVLMProcessor:
             template=cfg.get("template", "chatml"),
             max_context=llm.get("max_position_embeddings", 32768),
         )
+        arch = cfg.get("arch") or {"NVLM_X": "X", "NVLM_H": "H"}.get(cfg.get("model_type"), "D")
+        if arch in ("X", "H"):
+            kwargs["mode"] = arch
         if cfg.get("dynamic_image_size") is False:  # InternVL: one tile, the whole image resized to S x S
             kwargs.update(min_dynamic_patch=1, max_dynamic_patch=1)
         kwargs.update(overrides)
@@ -346,8 +364,14 @@ class NVLMProcessor:
             grids.append(grid)
             num_tiles.append(pixel_values.shape[0])
 
-        ids = self._encode(self._expand(pieces, num_tiles))
-        slots, expected = ids.count(self.image_token_id), sum(num_tiles) * self.tokens_per_tile
+        layout = None
+        if self.mode == "D":
+            ids = self._encode(self._expand(pieces, num_tiles))
+            expected = sum(num_tiles) * self.tokens_per_tile
+        else:
+            ids, layout = self._encode_xattn(pieces, num_tiles)
+            expected = len(layout.decoder_tiles) * self.tokens_per_tile
+        slots = ids.count(self.image_token_id)
         if slots != expected:  # cannot happen unless the tokenizer's BPE itself produces the image token
             raise ValueError(f"the prompt holds {slots} {IMAGE_TOKEN} tokens but the images need {expected}")
         if len(ids) > self.max_context:
@@ -355,12 +379,78 @@ class NVLMProcessor:
                 f"the prompt is {len(ids)} tokens long, more than the model context of {self.max_context} tokens "
                 f"({expected} of them image tokens); use fewer or smaller images (max_num) or a shorter text"
             )
-        return {
+        out = {
             "input_ids": torch.tensor([ids], dtype=torch.long),
             "pixel_values": torch.cat(tensors) if tensors else None,
             "image_grids": grids,
             "num_tiles": num_tiles,
         }
+        if layout is not None:
+            out["xattn_layout"] = layout
+        return out
+
+    def _encode_xattn(self, pieces: list[Piece], num_tiles: list[int]):
+        """NVLM-X/H: ids of the pieces with the images written as in the module docstring, and the
+        `nvlm.xattn.XAttnLayout` (ranges over one row's memory; tiles numbered in `pixel_values` order)."""
+        from nvlm.xattn import XAttnLayout
+
+        ids: list[int] = []
+        ranges: list[tuple[int, int]] = []
+        memory: list = []
+        decoder_tiles: list[int] = []
+        seen = 0          # memory end of the images before the current position: ordinary text sees [0, seen)
+        size = 0          # memory length so far
+        run: list[str] = []
+        n = self.tokens_per_tile
+
+        def emit(new_ids: list[int], lo: int, hi: int) -> None:
+            ids.extend(new_ids)
+            ranges.extend([(lo, hi)] * len(new_ids))
+
+        def flush() -> None:
+            text = "".join(run)
+            run.clear()
+            if text:
+                emit(self._plain.encode(text, add_special_tokens=False).ids, 0, seen)
+
+        def tag_ids(tag: str) -> list[int]:
+            return self._plain.encode(tag, add_special_tokens=False).ids
+
+        tiles = iter(num_tiles)
+        first_tile = 0
+        for piece in pieces:
+            if not isinstance(piece, str):
+                flush()
+                emit(list(piece), 0, seen)
+                continue
+            for k, part in enumerate(piece.split(IMAGE_PLACEHOLDER)):
+                if k:  # a placeholder stood before this part
+                    count = next(tiles)
+                    tags = tile_tags(count)
+                    run.append(IMAGE_START)
+                    flush()
+                    if self.mode == "X":          # every tile in the memory; tag k's tokens see tile k only
+                        for t, tag in enumerate(tags):
+                            emit(tag_ids(tag), size, size + n)
+                            memory.append(first_tile + t)
+                            size += n
+                        seen = size
+                    else:                         # H: regular tiles (after their tag embeddings) in the memory
+                        for t, tag in enumerate(tags[:-1]):
+                            tag_tok = tag_ids(tag)
+                            memory += [tag_tok, first_tile + t]
+                            size += len(tag_tok) + n
+                        seen = size
+                        emit(tag_ids(tags[-1]), 0, seen)
+                        emit([self.image_token_id] * n, 0, seen)
+                        decoder_tiles.append(first_tile + count - 1)
+                    first_tile += count
+                    run.append(IMAGE_END)
+                run.append(part)
+        flush()
+        r = torch.tensor(ranges, dtype=torch.int32).reshape(1, -1, 2)
+        layout = XAttnLayout(r[..., 0].contiguous(), r[..., 1].contiguous(), [memory], decoder_tiles)
+        return ids, layout
 
     # -- decoding -------------------------------------------------------------------------------------------------
 

@@ -1,5 +1,8 @@
 """Random NVLM checkpoints in the published layout, for tests, demos and benchmarks (no download needed).
 
+All three architectures: ``make_checkpoint(path, "tiny-x")`` / ``"tiny-h"`` / ``"nvlm-x-72b"``... write NVLM-X/H in
+our own layout (``nvlm.xattn`` docstring), with non-zero cross-attention gates so the blocks matter.
+
 ``make_checkpoint(path)`` writes what ``nvidia/NVLM-D-72B`` ships, at a preset's size: ``model-0000i-of-0000n
 .safetensors`` shards + ``model.safetensors.index.json``, ``config.json`` in the HF layout (``llm_config.model_type``
 "llama" with ``attention_bias``, as published), zero dummy ViT heads, and the test tokenizer
@@ -39,6 +42,8 @@ def init_random_weights(model: nn.Module, seed: int = 0) -> nn.Module:
                 p.copy_(normal(p.shape, 0.1, 0.5))
             elif leaf in ("class_embedding", "position_embedding"):
                 p.copy_(normal(p.shape, 0.5))
+            elif leaf in ("attn_gate", "mlp_gate"):               # NVLM-X/H gates: non-zero so the blocks matter
+                p.copy_(normal(p.shape, 0.3, 0.5))
             else:                                                 # RMSNorm / LayerNorm weights
                 p.copy_(normal(p.shape, 0.1, 1.0))
         zero_dummy_heads(model)

@@ -15,7 +15,7 @@ Signature::
 Only the last (head-dim) stride of q, k, v must be 1, so ``q_proj(x).view(B, L, Hq, D).transpose(1, 2)`` and
 ``k_proj(img).view(B, M, Hkv, D).transpose(1, 2)`` are passed without a copy.
 
-Maths, per batch b, query row i, query head h, with g = Hkv-head h // (Hq / Hkv) and R = [kv_start, kv_end)::
+Maths, per batch b, query row i, query head h, with kv head g = h // (Hq / Hkv) and R = [kv_start[b,i], kv_end[b,i])::
 
     out[b, i, h] = tanh(gate) * sum_{m in R} softmax_m(q[b,h,i] . k[b,g,m] * scale) v[b,g,m]   if R is non-empty
     out[b, i, h] = 0 exactly                                                                    if R is empty
@@ -46,12 +46,13 @@ so the KV axis is split (flash-decoding): each split writes fp32 partials (norma
 small combine kernel merges them and applies the gate and row mask.
 
 Backends: ``triton`` (custom op ``nvlm_kernels::gated_cross_attention_triton``; also runs on CPU tensors under
-``TRITON_INTERPRET=1``, which tests use) and ``ref``, the pure-PyTorch path for CPU tensors: torch SDPA over the
-GQA-grouped rows (no K/V expansion) with the ranges as a boolean mask, then the gate and row mask
-(:func:`_sdpa_path`). The truth is :func:`gated_cross_attention_ref` (dense mask, explicit fp32 matmul/softmax,
-K/V expanded per query head, empty rows zeroed); it was the CPU path first, but at the 72B decode shape it spent
-its time upcasting and expanding K/V (bench/bench_gated_xattn.py has both). No C++ CPU kernel: what is left is
-SDPA's fused CPU kernel (oneDNN/AMX GEMMs, fp32 online softmax); a hand-written one would mostly re-implement it.
+``TRITON_INTERPRET=1``, which tests use; forward only) and ``ref``, the pure-PyTorch path for CPU tensors and for
+training (autograd): torch SDPA with the ranges as a boolean mask, over GQA-grouped rows at decode and with SDPA's
+``enable_gqa`` at prefill, then one multiply for the gate, the row mask and the output layout (:func:`_sdpa_path`).
+The truth is :func:`gated_cross_attention_ref` (dense mask, explicit fp32 matmul/softmax, K/V expanded per query
+head, empty rows zeroed). It was the CPU path first, but at the 72B decode shape it spent its time upcasting and
+expanding K/V (bench/bench_gated_xattn.py times both). No C++ CPU kernel: what is left is SDPA's fused CPU kernel
+(oneDNN/AMX GEMMs, fp32 online softmax); a hand-written one would mostly re-implement it.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ _OP = "nvlm_kernels.gated_cross_attention"
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_HEAD_DIM = 128          # D = 256 spilled in every tile config tried (ptxas, sm_80 and sm_90a)
 _LOG2E = 1.4426950408889634
+_GROUPED_MAX_L = 16          # CPU path: GQA-grouped rows up to this many queries, SDPA's enable_gqa above
 
 # ----------------------------------------------------------------------------------------------------------------
 # Triton kernels
@@ -309,7 +311,7 @@ def _gated_cross_attention_triton_fake(q, k, v, gate, kv_start, kv_end, softmax_
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Reference (pure PyTorch): tests' truth and the CPU path
+# Reference (pure PyTorch; the tests' truth) and the SDPA-based CPU / training path
 # ----------------------------------------------------------------------------------------------------------------
 def ranges_to_mask(kv_start: torch.Tensor, kv_end: torch.Tensor, m: int) -> torch.Tensor:
     """Dense boolean mask ``[B, L, M]`` (True = attend) from per-query ranges ``[B, L]``."""
@@ -343,25 +345,40 @@ def gated_cross_attention_ref(q, k, v, gate, kv_start, kv_end, softmax_scale=Non
 
 
 def _sdpa_path(q, k, v, gate, kv_start, kv_end, softmax_scale):
-    """The no-kernel path (dispatch backend ``ref``; CPU tensors): torch SDPA over GQA-grouped rows.
+    """The no-kernel path (dispatch backend ``ref``; CPU tensors): torch SDPA with the ranges as a boolean mask.
 
-    ``q [B, Hq, L, D]`` is viewed as ``[B, Hkv, G*L, D]`` (head h = hkv*G + g, the kernel's grouping), so K/V are
-    never expanded G times; SDPA's fused CPU kernel keeps fp32 scores for bf16/fp16 inputs. Empty rows attend to
-    everything inside SDPA (no NaN) and are zeroed after. Checked against :func:`gated_cross_attention_ref`
-    in the tests; measured faster than it on CPU by bench/bench_gated_xattn.py.
+    Few queries (decode): ``q [B, Hq, L, D]`` is viewed as ``[B, Hkv, G*L, D]`` (head h = hkv*G + g, the kernel's
+    grouping) so each kv head's K/V is read once for its G query heads; the mask is expanded to the G*L rows (small
+    at small L). Many queries (prefill): SDPA's own GQA (``enable_gqa``) with the [B, 1, L, M] mask broadcast over
+    heads, so no mask copy either. SDPA's fused CPU kernel keeps fp32 scores for bf16/fp16 inputs. Empty rows
+    attend to everything inside SDPA (no NaN) and are zeroed after, in one multiply that also applies tanh(gate)
+    and writes the [B, L, Hq, D] layout. Checked against :func:`gated_cross_attention_ref` in the tests; timed
+    against it and against the public SDPA-based code by bench/bench_gated_xattn.py.
     """
     bsz, hq, seq_q, dim = q.shape
     hkv, seq_kv = k.shape[1], k.shape[2]
     group = hq // hkv
-    mask = ranges_to_mask(kv_start, kv_end, seq_kv)                         # [B, L, M]
-    nonempty = mask.any(-1, keepdim=True)                                   # [B, L, 1]
-    mask = (mask | ~nonempty)[:, None, None].expand(bsz, 1, group, seq_q, seq_kv)
-    o = torch.nn.functional.scaled_dot_product_attention(
-        q.reshape(bsz, hkv, group * seq_q, dim), k, v, attn_mask=mask.reshape(bsz, 1, group * seq_q, seq_kv),
-        scale=softmax_scale)                                                # [B, Hkv, G*L, D]
-    o = o.view(bsz, hq, seq_q, dim).transpose(1, 2)                         # [B, L, Hq, D]
-    g = torch.tanh(gate.float().reshape(())).to(o.dtype)
-    return torch.where(nonempty[..., None], o * g, 0.0).contiguous()
+    nonempty = kv_end > kv_start                                            # [B, L]
+    # Empty rows get the full range in the [B, L] ints (not in the big mask): one dense mask, built once.
+    mask = ranges_to_mask(torch.where(nonempty, kv_start, 0), torch.where(nonempty, kv_end, seq_kv), seq_kv)
+    if seq_q <= _GROUPED_MAX_L:
+        mask = mask[:, None, None].expand(bsz, 1, group, seq_q, seq_kv).reshape(bsz, 1, group * seq_q, seq_kv)
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q.reshape(bsz, hkv, group * seq_q, dim), k, v, attn_mask=mask, scale=softmax_scale)  # [B,Hkv,G*L,D]
+        o = o.view(bsz, hq, seq_q, dim)
+    else:
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=softmax_scale,
+                                                             enable_gqa=group > 1)               # [B, Hq, L, D]
+    # Empty rows attended to everything above: zero them first, so a NaN/Inf in a memory row they must not see
+    # cannot reach them through 0 * NaN (the reference gives exactly 0 there).
+    o = o.masked_fill(~nonempty[:, None, :, None], 0.0)
+    mult = nonempty * torch.tanh(gate.float().reshape(()))                 # [B, L] fp32: tanh(gate), 0 if empty
+    # Eager: the multiply writes the [B, L, Hq, D] layout directly (out=). Autograd has no out= and torch.compile's
+    # functionalisation keeps the multiply's transposed strides, so there: multiply, then a contiguous copy.
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (o.requires_grad or mult.requires_grad)):
+        return (o.transpose(1, 2) * mult[:, :, None, None]).to(o.dtype).contiguous()
+    out = torch.empty((bsz, seq_q, hq, dim), dtype=o.dtype, device=o.device)
+    return torch.mul(o.transpose(1, 2), mult[:, :, None, None], out=out)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -432,11 +449,16 @@ def gated_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gat
     q ``[B, Hq, L, D]``, k/v ``[B, Hkv, M, D]`` (last stride 1), gate 0-dim/[1] raw alpha, kv_start/kv_end
     ``[B, L]`` int32 with ``0 <= start <= end <= M``. ``softmax_scale`` defaults to ``D**-0.5``. ``num_splits``
     (triton only) overrides the flash-decoding KV split count; ``check_ranges=False`` skips the range check's
-    device sync. See the module docstring for the maths, the mask rules and what is fused.
+    device sync. The Triton kernel is forward-only: when autograd needs gradients of q/k/v/gate, the
+    differentiable SDPA path runs instead. See the module docstring for the maths, the mask rules and what is
+    fused.
     """
     _check(q, k, v, gate, kv_start, kv_end, softmax_scale, num_splits, check_ranges)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    implemented = _IMPLEMENTED if q.shape[-1] <= _MAX_HEAD_DIM else ("ref",)  # see _MAX_HEAD_DIM
+    # The Triton op is forward-only (no autograd formula): training (NVLM-X/H x-attn layers) takes the
+    # differentiable SDPA path. Head dims over _MAX_HEAD_DIM have no Triton config.
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, gate))
+    implemented = _IMPLEMENTED if q.shape[-1] <= _MAX_HEAD_DIM and not needs_grad else ("ref",)
     backend = dispatch.select("gated_cross_attention", q.device, implemented)
     if backend == "triton":
         return torch.ops.nvlm_kernels.gated_cross_attention_triton(q, k, v, gate, kv_start, kv_end, scale,

@@ -117,7 +117,8 @@ class KernelReport:
     smem_static: int | None = None     # ptxas "bytes smem"
     smem_dynamic: int | None = None    # Triton metadata "shared"
     tc_ptx: int | None = None          # tensor-core instructions in PTX
-    tc_sass: int | None = None         # ... and in SASS (None: disassembler unavailable)
+    tc_sass: int | None = None         # ... and in SASS (None: not disassembled / disassembler unavailable)
+    mma_sync_ptx: int | None = None    # sm_90a: Ampere-style mma.sync in the PTX (tensor cores, without wgmma)
     ptxas_notes: list[str] = field(default_factory=list)
     blocks_per_sm: int | None = None
     occupancy: float | None = None     # active warps / max warps per SM
@@ -228,7 +229,9 @@ def judge(r: KernelReport, arch: Arch) -> None:
     if r.tensor_cores:
         want = "wgmma" if arch.cc >= 90 else "mma"
         if not r.tc_ptx:
-            r.problems.append(f"tensor_cores kernel emits no {want} on {arch.sm}")
+            fallback = (f" (it has {r.mma_sync_ptx} mma.sync: the Ampere path, without Hopper's wgmma throughput)"
+                        if r.mma_sync_ptx else "")
+            r.problems.append(f"tensor_cores kernel emits no {want} on {arch.sm}{fallback}")
         elif r.tc_sass == 0:
             r.problems.append(f"tensor_cores kernel: {want} in PTX but none in the SASS on {arch.sm}")
         serialised = [n for n in r.ptxas_notes if "serialized" in n or "serialised" in n]
@@ -440,10 +443,13 @@ def compile_triton_spec(module_name: str, spec_name: str, arch_name: str, use_ca
             if len(entry) != 1:
                 raise RuntimeError(f"expected one entry function in the ptxas report, got {len(entry)}")
             st = entry[0]
-            rep["tc_sass"] = count_sass(cubin_path, arch.tc_sass)
+            if rep["tensor_cores"]:  # disassembling is slow on big kernels: only where the check needs it
+                rep["tc_sass"] = count_sass(cubin_path, arch.tc_sass)
         rep.update(registers=st["registers"], spill_stores=st["spill_stores"], spill_loads=st["spill_loads"],
                    stack_bytes=st["stack_bytes"], smem_static=st["smem_static"], ptxas_notes=st["notes"],
                    tc_ptx=len(re.findall(arch.tc_ptx, ptx)), compiled=True)
+        if arch.cc >= 90:
+            rep["mma_sync_ptx"] = len(re.findall(ARCHS["80"].tc_ptx, ptx))
     except Exception as e:
         rep.update(compiled=False, error=f"{type(e).__name__}: {str(e)[-3000:]}")
     rep["compile_s"] = round(time.perf_counter() - t0, 2)

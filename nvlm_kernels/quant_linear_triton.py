@@ -173,12 +173,13 @@ def _w8a16_gemm_kernel(
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
+    rm64 = rm.to(tl.int64)                                              # M * K passes 2**31 at ~72k prompt tokens
     m_mask = rm < M
     n_mask = rn < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_mask = (k0 + rk) < K
-        a = tl.load(x_ptr + rm[:, None] * K + (k0 + rk)[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        a = tl.load(x_ptr + rm64[:, None] * K + (k0 + rk)[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         # B[k, n] = W[n, k]: a K-major tile, the layout wgmma reads natively.
         q = tl.load(w_ptr + rn[None, :] * K + (k0 + rk)[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0)
         if DOT_FP32:
@@ -189,7 +190,7 @@ def _w8a16_gemm_kernel(
     acc = acc * scale[None, :]                                          # per-channel scale factors out of the sum
     if HAS_BIAS:
         acc = acc + tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc.to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + rm64[:, None] * N + rn[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=m_mask[:, None] & n_mask[None, :])
 
 
@@ -204,13 +205,14 @@ def _w4a16_gemm_kernel(
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
+    rm64 = rm.to(tl.int64)                                              # M * K passes 2**31 at ~72k prompt tokens
     m_mask = rm < M
     n_mask = rn < N
     n_groups = K // GROUP
     shift = (rk % 2) * 4                                                # low nibble = even k
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):                                     # K is a multiple of GROUP, so of BLOCK_K
-        a = tl.load(x_ptr + rm[:, None] * K + (k0 + rk)[None, :], mask=m_mask[:, None], other=0.0)
+        a = tl.load(x_ptr + rm64[:, None] * K + (k0 + rk)[None, :], mask=m_mask[:, None], other=0.0)
         # B[k, n] = W[n, k], K-major like the int8 kernel. Each byte is loaded for both of its k (the two loads hit
         # one cache line) and its nibble picked by a shift: unpacking with tl.interleave + tl.trans instead needed
         # layout conversions that spilled 300-1000 bytes at every tile size (ptxas, sm_90a).
@@ -226,7 +228,7 @@ def _w4a16_gemm_kernel(
             acc = tl.dot(a, w.to(a.dtype), acc)
     if HAS_BIAS:
         acc = acc + tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc.to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + rm64[:, None] * N + rn[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=m_mask[:, None] & n_mask[None, :])
 
 

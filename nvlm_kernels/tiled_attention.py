@@ -55,8 +55,11 @@ Call from the model (nvlm/vision.py), raw projection, no separate norm modules::
                                      norm_eps=1e-6)         # [T, H, N, D]
     h = attn.proj(o.transpose(1, 2).reshape(T, N, H * D))
 
-Backends: ``triton`` (above; chosen for CUDA tensors) and ``ref`` (``F.scaled_dot_product_attention`` after the
-reference RMSNorm; the CPU path).
+Backends: ``triton`` (above; chosen for fp16/bf16 CUDA tensors) and ``ref`` (``F.scaled_dot_product_attention``
+after the reference RMSNorm; the CPU path, and fp32 CUDA tensors unless triton is forced: Triton's IEEE fp32 dots
+spill, see ``_CONFIGS_FP32``). Launch configurations: an explicit, ptxas-pruned candidate list per (arch, head dim,
+norm) that ``triton.autotune`` chooses from on the first call per N (``_CONFIGS_16BIT``); ``gate_specs()`` lists
+every kernel + config the package can launch at the real shape, for the GPU gate.
 """
 
 import os
@@ -258,26 +261,45 @@ if triton is not None:
 # ----------------------------------------------------------------------------------------------------------------
 # Launch configurations
 # ----------------------------------------------------------------------------------------------------------------
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates per head dim for 16-bit inputs, per compute capability major.
-# Pruned ahead of time with triton.compile(..., GPUTarget("cuda", 90 | 80, 32)) + ptxas -v on every (config, dtype,
-# NORM) at the real shape (run ``python -m nvlm_kernels.tiled_attention`` to repeat it); what was removed and why:
-#   sm_90: ... (see _PRUNED below)
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, also_with_norm) candidates per compute capability major and head dim,
+# for 16-bit inputs. Pruned ahead of time (no GPU needed): ``python -m nvlm_kernels.tiled_attention`` compiles every
+# gate spec with triton.compile(..., GPUTarget("cuda", 90 | 80, 32)) and the 16-divisibility hints the JIT uses, then
+# runs ptxas -v (sm_90a / sm_80). Kept: no spills, shared memory within the SM limit (sm_90: 227 KiB, sm_80: 163 KiB),
+# both dots on tensor cores (wgmma / mma.sync). also_with_norm=False: that config spills only with the fused
+# QK-norm prologue (q' = q*rstd*wq*wk keeps extra fp32 values live), so the NORM variant does not try it.
+# Removed, with ptxas spill bytes (triton 3.8, bf16; fp16 the same):
+#   sm_90, D=80/96/128, (128, 64, 4 warps, 3): 196-204 B (one warpgroup holds the 128x128 fp32 accumulator);
+#     with norm 608-640 B.  (64, 128, 4, 3): 16-32 B.  D=128 (128, 128, 8, 2): no spill but redundant with stages=3.
+#   sm_90, D=64, (128, 128, 4, 3): 1288 B.
+#   sm_80, D=80/96/128: every 4-warp config spills: (128, 64, 4, 2|3) 780-1148 B, (128, 32, 4, 3) 232-268 B,
+#     (64, 64, 4, 2|3) 200-268 B, (64, 32, 4, 3) 48 B; (128, 128, 8, 2) 44-48 B; with norm (128, 64, 8, 2|3) 32-80 B,
+#     (64, 64, 8, 3) 384 B.
+#   sm_80, D=64: (128, 32, 4, 3) 4 B; with norm (128, 64, 4, 3) 48 B.
+# Result for the lists below (2026-11-22): all 126 gate specs (sm_90 + sm_80, bf16 + fp16, with and without norm,
+# plus the stats kernel) compile with 0 spill bytes; sm_90 uses 122-254 registers and 57-224 KiB shared memory,
+# and every attention spec issues the expected 2*(BLOCK_D + BLOCK_N)/16 wgmma per warpgroup (both dots).
 _CONFIGS_16BIT = {
     9: {
-        64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
-        80: [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
-        96: [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
-        128: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
+        64: [(128, 64, 8, 3, True), (128, 128, 8, 3, True), (64, 64, 4, 3, True), (128, 64, 4, 3, False)],
+        80: [(128, 64, 8, 3, True), (128, 64, 8, 4, True), (64, 64, 4, 3, True), (128, 128, 8, 3, False)],
+        96: [(128, 64, 8, 3, True), (128, 64, 8, 4, True), (64, 64, 4, 3, True), (128, 128, 8, 3, False)],
+        # D=128, N=1025: (128, 128, 8, 3) needs 224 KiB of shared memory (fits sm_90's 227 KiB); spills with norm.
+        128: [(128, 64, 8, 3, True), (128, 64, 8, 4, True), (128, 128, 8, 3, False), (64, 64, 4, 3, False)],
     },
     8: {
-        64: [(128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
-        80: [(128, 64, 4, 2), (64, 64, 4, 3), (128, 32, 4, 3)],
-        96: [(128, 64, 4, 2), (64, 64, 4, 3), (128, 32, 4, 3)],
-        128: [(128, 64, 4, 2), (64, 64, 4, 3), (128, 32, 4, 3)],
+        64: [(128, 64, 4, 2, True), (64, 64, 4, 3, True), (128, 64, 8, 3, True), (128, 64, 4, 3, False)],
+        80: [(128, 32, 8, 2, True), (128, 32, 8, 3, True), (128, 64, 8, 3, False), (128, 64, 8, 2, False),
+             (64, 64, 8, 3, False)],
+        96: [(128, 32, 8, 2, True), (128, 32, 8, 3, True), (128, 64, 8, 3, False), (128, 64, 8, 2, False),
+             (64, 64, 8, 3, False)],
+        128: [(128, 32, 8, 2, True), (128, 32, 8, 3, True), (128, 64, 8, 3, False), (128, 64, 8, 2, False),
+              (64, 64, 8, 3, False)],
     },
 }
-# fp32 inputs (IEEE dots, not the hot path): small tiles so the fp32 tiles fit registers and shared memory.
-_CONFIGS_FP32 = [(64, 32, 4, 2), (32, 32, 4, 2)]
+# fp32 inputs need IEEE dots, which Triton lowers to FMA loops that spill in every tile shape tried (>= 592 B for
+# 32x32 tiles at D=128 on sm_90): fp32 CUDA tensors therefore go to SDPA unless triton is forced (tests, debugging),
+# which runs these small, correct but slow tiles.
+_CONFIGS_FP32 = [(32, 32, 8, 2), (16, 32, 4, 2)]
 # The interpreter (CPU tests): small blocks, BLOCK_M != BLOCK_N so both loops' edges are exercised.
 _INTERPRETER_CONFIG = (32, 16, 4, 1)
 _STATS_BLOCK_T = 16
@@ -289,22 +311,22 @@ def _capability_major(device: torch.device) -> int:
     return 9 if major >= 9 else 8
 
 
-def _candidates(head_dim: int, dtype: torch.dtype, major: int) -> list[tuple[int, int, int, int]]:
+def _candidates(head_dim: int, dtype: torch.dtype, major: int, norm: bool) -> list[tuple[int, int, int, int]]:
     if dtype == torch.float32:
         return list(_CONFIGS_FP32)
-    return list(_CONFIGS_16BIT[major][head_dim])
+    return [c[:4] for c in _CONFIGS_16BIT[major][head_dim] if c[4] or not norm]
 
 
 _TUNERS: dict = {}
 
 
-def _tuned_kernel(head_dim: int, dtype: torch.dtype, major: int):
-    """A triton.autotune wrapper over the explicit candidate list for this (head dim, dtype kind, arch)."""
-    key = (head_dim, dtype == torch.float32, major)
+def _tuned_kernel(head_dim: int, dtype: torch.dtype, major: int, norm: bool):
+    """A triton.autotune wrapper over the explicit candidate list for this (head dim, dtype kind, arch, norm)."""
+    key = (head_dim, dtype == torch.float32, major, norm)
     if key not in _TUNERS:
         configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-                   for bm, bn, w, s in _candidates(head_dim, dtype, major)]
-        _TUNERS[key] = triton.autotune(configs=configs, key=["N", "HEAD_DIM", "NORM"])(_attn_fwd_kernel)
+                   for bm, bn, w, s in _candidates(head_dim, dtype, major, norm)]
+        _TUNERS[key] = triton.autotune(configs=configs, key=["N", "HEAD_DIM"])(_attn_fwd_kernel)
     return _TUNERS[key]
 
 
@@ -321,22 +343,14 @@ def _empty_out(q: torch.Tensor) -> torch.Tensor:
     return torch.empty((t, n, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)
 
 
-def _launch(q, k, v, softmax_scale, q_norm_weight, k_norm_weight, norm_eps):
-    interpreted = q.device.type == "cpu"
-    out_dtype = q.dtype
-    if interpreted and q.dtype == torch.bfloat16:
-        # The interpreter mishandles bf16 dots/arithmetic (build_notes.md): compute in fp32 there.
-        q, k, v = q.float(), k.float(), v.float()
-    if interpreted and q_norm_weight is not None:
-        q_norm_weight, k_norm_weight = q_norm_weight.float(), k_norm_weight.float()
-    q, k, v = _unit_d_stride(q), _unit_d_stride(k), _unit_d_stride(v)
+_MAX_GRID_Y = 65535
+
+
+def _launch_chunk(q, k, v, out, softmax_scale, rstd_q, rstd_k, wq, wk, norm_eps, interpreted):
+    """Both kernels on ``[t, H, N, D]`` views with t*H <= _MAX_GRID_Y; ``rstd_q`` None = no QK norm."""
     t, h, n, d = q.shape
-    out = _empty_out(q)
-    norm = q_norm_weight is not None
+    norm = rstd_q is not None
     if norm:
-        rstd_q = torch.empty((t, n), dtype=torch.float32, device=q.device)
-        rstd_k = torch.empty((t, n), dtype=torch.float32, device=q.device)
-        wq, wk = q_norm_weight.contiguous(), k_norm_weight.contiguous()
         _qk_rms_stats_kernel[(triton.cdiv(n, _STATS_BLOCK_T), t)](
             q, k, rstd_q, rstd_k, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             h, n, 1.0 / (h * d), float(norm_eps),
@@ -354,9 +368,34 @@ def _launch(q, k, v, softmax_scale, q_norm_weight, k_norm_weight, norm_eps):
         _attn_fwd_kernel[(triton.cdiv(n, bm), t * h)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn,
                                                      num_warps=warps, num_stages=stages)
     else:
-        kernel = _tuned_kernel(d, q.dtype, _capability_major(q.device))
+        kernel = _tuned_kernel(d, q.dtype, _capability_major(q.device), norm)
         grid = lambda cfg: (triton.cdiv(n, cfg["BLOCK_M"]), t * h)
         kernel[grid](*args, **meta)
+
+
+def _launch(q, k, v, softmax_scale, q_norm_weight, k_norm_weight, norm_eps):
+    interpreted = q.device.type == "cpu"
+    out_dtype = q.dtype
+    if interpreted and q.dtype == torch.bfloat16:
+        # The interpreter mishandles bf16 dots/arithmetic (build_notes.md): compute in fp32 there.
+        q, k, v = q.float(), k.float(), v.float()
+    if interpreted and q_norm_weight is not None:
+        q_norm_weight, k_norm_weight = q_norm_weight.float(), k_norm_weight.float()
+    q, k, v = _unit_d_stride(q), _unit_d_stride(k), _unit_d_stride(v)
+    t, h, n, d = q.shape
+    out = _empty_out(q)
+    norm = q_norm_weight is not None
+    rstd_q = rstd_k = wq = wk = None
+    if norm:
+        rstd_q = torch.empty((t, n), dtype=torch.float32, device=q.device)                # [T, N]
+        rstd_k = torch.empty((t, n), dtype=torch.float32, device=q.device)
+        wq, wk = q_norm_weight.contiguous(), k_norm_weight.contiguous()                   # [H*D]
+    # CUDA caps grid axis 1 at 65535 (T*H programs there): launch in chunks of whole tiles (views, no copies).
+    chunk = max(1, _MAX_GRID_Y // h)
+    for t0 in range(0, t, chunk):
+        sl = slice(t0, min(t, t0 + chunk))
+        _launch_chunk(q[sl], k[sl], v[sl], out[sl], softmax_scale, rstd_q[sl] if norm else None,
+                      rstd_k[sl] if norm else None, wq, wk, norm_eps, interpreted)
     return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
@@ -390,6 +429,14 @@ def tiled_attention_ref(q, k, v, softmax_scale=None, q_norm_weight=None, k_norm_
     if q_norm_weight is not None:
         q = qk_rmsnorm_ref(q, q_norm_weight, norm_eps)
         k = qk_rmsnorm_ref(k, k_norm_weight, norm_eps)
+    if not torch.compiler.is_compiling() and not bool(q.isfinite().all() & k.isfinite().all() & v.isfinite().all()):
+        # PyTorch's fused CPU SDPA returns a ZERO row for a query row holding NaN (a silent wrong answer); the math
+        # backend propagates NaN/Inf as the formula does. One tile at a time bounds its H x N x N score memory.
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.MATH):
+            return torch.cat([F.scaled_dot_product_attention(q[t:t + 1], k[t:t + 1], v[t:t + 1], scale=softmax_scale)
+                              for t in range(q.shape[0])])
     return F.scaled_dot_product_attention(q, k, v, scale=softmax_scale)
 
 
@@ -407,7 +454,10 @@ def tiled_attention(q, k, v, *, softmax_scale=None, cu_tiles=None, q_norm_weight
     if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and softmax_scale > 0):
         raise ValueError(f"nvlm_kernels.tiled_attention: argument 'softmax_scale' must be a float > 0, "
                          f"got {softmax_scale!r}")
-    backend = dispatch.select("tiled_attention", q.device, _IMPLEMENTED)
+    implemented = _IMPLEMENTED
+    if q.device.type == "cuda" and q.dtype == torch.float32 and dispatch.forced_backend() is None:
+        implemented = ("ref",)  # the Triton kernel's fp32 (IEEE) dots spill: see _CONFIGS_FP32
+    backend = dispatch.select("tiled_attention", q.device, implemented)
     if backend == "triton":
         _check_triton_head_dim(q)
         scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
@@ -451,7 +501,7 @@ def gate_specs(capability: int | None = None) -> list[dict]:
                     attn_sig[f"stride_{name}{axis}"] = "i32"
             attn_sig.update({"H": "i32", "N": "i32", "qk_scale": "fp32"})
             for norm in (False, True):
-                for bm, bn, warps, stages in _candidates(d, dtype, major):
+                for bm, bn, warps, stages in _candidates(d, dtype, major, norm):
                     specs.append(dict(
                         name=f"tiled_attention{'_qknorm' if norm else ''}_d{d}_{tname}_m{bm}n{bn}w{warps}s{stages}",
                         fn=_attn_fwd_kernel, signature=dict(attn_sig),

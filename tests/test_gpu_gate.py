@@ -250,7 +250,10 @@ def test_package_kernels_pass_the_gate():
         pytest.skip("nvcc not found: CUDA C++ kernels cannot be gated here")
     os.makedirs(RESULTS, exist_ok=True)
     md, js = os.path.join(RESULTS, "gpu_gate.md"), os.path.join(RESULTS, "gpu_gate.json")
-    res = _run_gate(["--json", js, "--table", md], cwd=REPO, timeout=1800)
+    # Entries whose key (kernel source + spec + tool versions) is unchanged are reused from the committed
+    # bench/results/gpu_gate.json and the local cache; NVLM_GATE_NO_CACHE=1 recompiles everything.
+    extra = ["--no-cache"] if os.environ.get("NVLM_GATE_NO_CACHE") == "1" else []
+    res = _run_gate(["--json", js, "--table", md, *extra], cwd=REPO, timeout=3000)
     print(res.stdout)                                  # the table, in the test log
     assert os.path.exists(md) and os.path.exists(js), res.stderr[-3000:]
     data = json.loads(open(js).read())

@@ -121,7 +121,7 @@ NVLM_HOST_DEVICE inline uint16_t float_to_bf16_bits(float f) {
 // Mirrors nvlm_kernels.quant_linear.select_kernel (THE routing function; a test checks the numbers agree):
 // M <= kGemvMaxM* -> "gemv" (weights decoded in registers, streamed once), larger M -> "gemm" (dequantise weight
 // tiles, then a dense matmul: oneDNN on CPU, cuBLAS on CUDA).
-constexpr int64_t kGemvMaxMCpu = 16;
+constexpr int64_t kGemvMaxMCpu = 32;
 constexpr int64_t kGemvMaxMCuda = 8;
 
 }  // namespace quant

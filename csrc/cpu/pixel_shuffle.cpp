@@ -6,17 +6,26 @@
 //   * pixel_shuffle_layernorm reads the four source blocks of a row (4C = 12800 values, 25-51 KB: they stay in
 //     L1/L2 after the first pass), computes the fp32 mean, then the fp32 variance around it (two passes over cached
 //     data, as accurate as PyTorch's LayerNorm even when |mean| >> std), then writes the normalised row once.
-// Every byte of x is read from memory once and every byte of out written once. Large outputs are written with
-// non-temporal (streaming) stores: they bypass the cache and skip the read-for-ownership a normal store does, so the
-// traffic is read + write instead of read + read + write (the same trick glibc's memcpy uses for large copies).
+// Every byte of x is read from memory once and every byte of out written once. Outputs larger than the last-level
+// cache are written with non-temporal (streaming) stores: they bypass the cache and skip the read-for-ownership a
+// normal store does, so the traffic is read + write instead of read + read + write (glibc's memcpy does the same for
+// large copies). Large outputs also get transparent huge pages before the first write (advise_huge_pages): faulting
+// a fresh 46 MB output in 4 KB pages cost more than the kernel itself.
 //
 // Three versions chosen at run time by nvlm::cpu_capability() (NVLM_KERNELS_CPU_ISA caps it): AVX-512, AVX2 and
 // scalar. bf16 <-> fp32 is done with integer shifts (round-to-nearest-even on the way back, NaN kept quiet), fp16
-// with F16C. Rows are split across OpenMP threads.
+// with F16C. Rows are split across OpenMP threads in chunks.
 #include <ATen/ATen.h>
+#if defined(__x86_64__) || defined(_M_X64)
+#define NVLM_PS_X86 1
 #include <immintrin.h>
+#endif
 #include <omp.h>
 #include <torch/library.h>
+#include <unistd.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -32,9 +41,26 @@ namespace {
 using nvlm::pixel_shuffle::Geometry;
 using nvlm::pixel_shuffle::source_offset;
 
-// Outputs at least this large are written with streaming stores. Smaller ones are likely to be read back from the
-// cache by the next op (the projector GEMM), where a streaming store would force them out to DRAM.
-constexpr int64_t kStreamMinBytes = int64_t{8} << 20;
+// Outputs larger than the last-level cache (as the OS reports it) are written with streaming stores: they cannot
+// stay cached anyway. Smaller ones are left in the cache for the next op (the projector GEMM) to read back.
+// Outputs of at least kHugePageMinBytes get transparent huge pages (see advise_huge_pages).
+constexpr int64_t kHugePageMinBytes = int64_t{8} << 20;
+
+int64_t last_level_cache_bytes() {
+  static const int64_t bytes = [] {
+    long l3 = -1;
+#if defined(_SC_LEVEL3_CACHE_SIZE)
+    l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+#endif
+    return l3 > 0 ? static_cast<int64_t>(l3) : int64_t{32} << 20;  // unknown: assume a typical server L3
+  }();
+  return bytes;
+}
+
+// Rows are handed to OpenMP threads in chunks of this many (dynamic schedule): on a shared machine one preempted
+// thread would otherwise hold every other thread at the end-of-loop barrier with half the rows still to do. 16 rows
+// of 12800 values are 0.4-0.8 MB of work, so the scheduling cost is negligible.
+constexpr int kRowsPerChunk = 16;
 
 // The four source rows (C values each) that make output row `row`, in channel-block order.
 template <typename T>
@@ -77,7 +103,7 @@ void layernorm_row(const T* const src[4], int64_t C, const float* w, const float
 
 template <typename T>
 void layernorm_rows(const T* x, const float* w, const float* b, float eps, T* out, Geometry g) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, kRowsPerChunk)
   for (int64_t r = 0; r < g.rows; ++r) {
     const T* src[4];
     source_rows(x, r, g, src);
@@ -87,7 +113,7 @@ void layernorm_rows(const T* x, const float* w, const float* b, float eps, T* ou
 
 void shuffle_rows(const char* x, char* out, Geometry g, int64_t elem_bytes) {
   const int64_t block = g.channels * elem_bytes;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, kRowsPerChunk)
   for (int64_t r = 0; r < g.rows; ++r)
     for (int b = 0; b < 4; ++b)
       std::memcpy(out + (r * 4 + b) * block, x + source_offset(r, b, g.side, g.channels, g.version) * elem_bytes,
@@ -96,6 +122,7 @@ void shuffle_rows(const char* x, char* out, Geometry g, int64_t elem_bytes) {
 
 }  // namespace scalar
 
+#if defined(NVLM_PS_X86)  // the SIMD versions exist on x86-64 only; elsewhere cpu_capability() is scalar
 // ------------------------------------------------------------------------------------------------------------
 // AVX-512 version. The pragma gives every function in this region (and the OpenMP bodies outlined from them) the
 // target, so the intrinsics inline; nothing here runs unless cpu_capability() said AVX-512.
@@ -196,7 +223,7 @@ void layernorm_rows(const T* x, const float* w, const float* b, float eps, T* ou
   stream = stream && C % kLanes == 0 && reinterpret_cast<uintptr_t>(out) % store_bytes == 0;
 #pragma omp parallel
   {
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, kRowsPerChunk)
     for (int64_t r = 0; r < g.rows; ++r) {
       const T* src[4];
       source_rows(x, r, g, src);
@@ -232,7 +259,7 @@ void shuffle_rows(const char* x, char* out, Geometry g, int64_t elem_bytes, bool
   const int64_t block = g.channels * elem_bytes;
 #pragma omp parallel
   {
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, kRowsPerChunk)
     for (int64_t r = 0; r < g.rows; ++r)
       for (int b = 0; b < 4; ++b) {
         const char* src = x + source_offset(r, b, g.side, g.channels, g.version) * elem_bytes;
@@ -346,7 +373,7 @@ void layernorm_rows(const T* x, const float* w, const float* b, float eps, T* ou
   stream = stream && C % kLanes == 0 && reinterpret_cast<uintptr_t>(out) % store_bytes == 0;
 #pragma omp parallel
   {
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, kRowsPerChunk)
     for (int64_t r = 0; r < g.rows; ++r) {
       const T* src[4];
       source_rows(x, r, g, src);
@@ -381,7 +408,7 @@ void shuffle_rows(const char* x, char* out, Geometry g, int64_t elem_bytes, bool
   const int64_t block = g.channels * elem_bytes;
 #pragma omp parallel
   {
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, kRowsPerChunk)
     for (int64_t r = 0; r < g.rows; ++r)
       for (int b = 0; b < 4; ++b) {
         const char* src = x + source_offset(r, b, g.side, g.channels, g.version) * elem_bytes;
@@ -395,24 +422,50 @@ void shuffle_rows(const char* x, char* out, Geometry g, int64_t elem_bytes, bool
 }  // namespace avx2
 #pragma GCC diagnostic pop
 #pragma GCC pop_options
+#endif  // NVLM_PS_X86
 
 // ------------------------------------------------------------------------------------------------------------
 // Launchers: argument checks (ValueError naming the argument), output allocation, ISA and dtype dispatch.
 // ------------------------------------------------------------------------------------------------------------
-bool use_streaming_stores(const at::Tensor& out) { return out.numel() * out.element_size() >= kStreamMinBytes; }
+bool use_streaming_stores(const at::Tensor& out) {
+  return out.numel() * out.element_size() > last_level_cache_bytes();
+}
+
+// The output is a fresh allocation. At NVLM's size (46-92 MB) glibc maps it anew on every call and the kernel then
+// faults it in 4 KB at a time when we first write it: ~11k-22k page faults, which cost more than the kernel's own
+// memory traffic (measured: a 46 MB alloc + copy took 55 ms against 18 ms for the copy into an existing buffer).
+// Asking for transparent huge pages on its 2 MB-aligned interior before the first write turns them into a few
+// dozen faults. Best effort: ignored where THP is off or the pages already exist (a reused heap block). This is
+// what PyTorch's own allocator does for every large tensor under THP_MEM_ALLOC_ENABLE=1.
+void advise_huge_pages(const at::Tensor& out) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  const int64_t bytes = out.numel() * out.element_size();
+  if (bytes < kHugePageMinBytes) return;
+  const auto start = reinterpret_cast<uintptr_t>(out.const_data_ptr());
+  const uintptr_t begin = (start + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (start + static_cast<uintptr_t>(bytes)) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)out;
+#endif
+}
 
 at::Tensor pixel_shuffle_cpu(const at::Tensor& x, int64_t version) {
   const Geometry g = nvlm::pixel_shuffle::check_input(x, version);
   NVLM_CHECK_ARG(x.device().is_cpu(), "x", "must be a CPU tensor for this kernel, got ", x.device());
   at::Tensor out = at::empty({x.size(0), x.size(1) / 4, 4 * x.size(2)}, x.options());
   if (out.numel() == 0) return out;
+  advise_huge_pages(out);
   const auto* src = static_cast<const char*>(x.const_data_ptr());
   auto* dst = static_cast<char*>(out.mutable_data_ptr());
   const int64_t elem = x.element_size();
-  const bool stream = use_streaming_stores(out);
+  [[maybe_unused]] const bool stream = use_streaming_stores(out);  // used by the x86 SIMD versions
   switch (nvlm::cpu_capability()) {
+#if defined(NVLM_PS_X86)
     case nvlm::CpuCapability::kAvx512: avx512::shuffle_rows(src, dst, g, elem, stream); break;
     case nvlm::CpuCapability::kAvx2: avx2::shuffle_rows(src, dst, g, elem, stream); break;
+#endif
     default: scalar::shuffle_rows(src, dst, g, elem);
   }
   return out;
@@ -425,10 +478,12 @@ void layernorm_dispatch(const at::Tensor& x, const at::Tensor& w, const at::Tens
   const float* wp = w.const_data_ptr<float>();
   const float* bp = b.const_data_ptr<float>();
   T* op = out.mutable_data_ptr<T>();
-  const bool stream = use_streaming_stores(out);
+  [[maybe_unused]] const bool stream = use_streaming_stores(out);  // used by the x86 SIMD versions
   switch (nvlm::cpu_capability()) {
+#if defined(NVLM_PS_X86)
     case nvlm::CpuCapability::kAvx512: avx512::layernorm_rows(xp, wp, bp, eps, op, g, stream); break;
     case nvlm::CpuCapability::kAvx2: avx2::layernorm_rows(xp, wp, bp, eps, op, g, stream); break;
+#endif
     default: scalar::layernorm_rows(xp, wp, bp, eps, op, g);
   }
 }
@@ -444,6 +499,7 @@ at::Tensor pixel_shuffle_layernorm_cpu(const at::Tensor& x, const at::Tensor& we
   const at::Tensor b = bias.to(at::kFloat).contiguous();
   at::Tensor out = at::empty({x.size(0), x.size(1) / 4, width}, x.options());
   if (out.numel() == 0) return out;
+  advise_huge_pages(out);
   const auto feps = static_cast<float>(eps);
   switch (x.scalar_type()) {
     case at::kFloat: layernorm_dispatch<float>(x, w, b, feps, out, g); break;

@@ -39,9 +39,10 @@ float scale_at(const void* scales, ScaleType t, int64_t i);
 
 // ---- AVX-512 + AVX512-BF16 (vdpbf16ps) ------------------------------------------------------------------------------
 // x is given as P bf16 "parts" whose sum is x exactly (P = 1 for bf16, 2 for fp16, 3 for fp32 activations; see
-// quant_linear.cpp), laid out [M][P][Kpad] with Kpad = K rounded up to 128 and zero padding. For int4 each 128-wide
-// chunk is permuted: position 32*r + i of a chunk holds k = 4*i + r (the order in which the kernel unpacks nibbles
-// from 16-bit words); for int8 the order is natural.
+// quant_linear.cpp), laid out [M][P][kpad]: kpad (the row stride) >= K rounded up to 128, zero padded. The stride
+// is deliberately not a multiple of 4 KiB: 8 x rows 16 KiB apart would all map to the same L1 sets. For int4 each
+// 128-wide chunk is permuted: position 32*r + i of a chunk holds k = 4*i + r (the order in which the kernel unpacks
+// nibbles from 16-bit words); for int8 the order is natural.
 constexpr int64_t kChunk = 128;
 void gemv_avx512bf16(const QWeight& w, const uint16_t* xparts, int parts, int64_t kpad, const Out& out);
 // Dequantise rows [n0, n1) to bf16 bits (dst [n1-n0, K]) or fp32 (dst [n1-n0, K]).

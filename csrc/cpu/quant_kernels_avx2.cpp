@@ -55,7 +55,8 @@ NVLM_AVX2 void int8_row(const int8_t* row, int64_t K, const float* x, float* res
   for (int m = 0; m < MB; ++m) a0[m] = a1[m] = _mm256_setzero_ps();
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
-    const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k))));
+    const __m256 w0 =
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k))));
     const __m256 w1 =
         _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k + 8))));
     for (int m = 0; m < MB; ++m) {

@@ -69,6 +69,11 @@ NVLM_AVX512BF16 void scales_to_f32(const void* scales, ScaleType t, int64_t i0, 
   for (; i < count; ++i) dst[i] = scale_at(scales, t, i0 + i);
 }
 
+// Software prefetch distance for the weight stream (into L2). Measured on the 2-core Zen 4 dev machine, one thread
+// streaming a 121 MB int4 weight: none 10 GB/s, T0 at 1-4 KiB 11-12.5 GB/s, T1 at 4 KiB 14 GB/s (plain read loop:
+// 19-21 GB/s). The decode alone then no longer adds to the DRAM time. Past the end of the weights it is harmless.
+constexpr int kPrefetchBytes = 4096;
+
 NVLM_AVX512BF16 inline __mmask64 byte_mask(int64_t nbytes) {
   return nbytes >= 64 ? ~__mmask64(0) : ((__mmask64(1) << nbytes) - 1);
 }
@@ -101,6 +106,7 @@ NVLM_AVX512BF16 void int4_row(const uint8_t* row, const float* s, const uint8_t*
     const uint8_t* p = row + k0 / 2;
     // K is a multiple of G >= 32, so a partial last chunk holds whole groups; masked-off bytes read as q = 0 and
     // meet zero-padded x.
+    _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T1);
     const __m512i wq = (k0 + kChunk <= K) ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(byte_mask((K - k0) / 2), p);
     __m512i i0 = _mm512_and_si512(wq, nib);
     __m512i i1 = _mm512_and_si512(_mm512_srli_epi16(wq, 4), nib);
@@ -139,15 +145,24 @@ NVLM_AVX512BF16 void int4_row(const uint8_t* row, const float* s, const uint8_t*
     }
     for (int m = 0; m < MB; ++m) {
       const uint16_t* xm = x + (int64_t)m * P * kpad + k0;
-      __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-      for (int q = 0; q < P; ++q) {  // two independent dpbf16 chains hide its latency
-        const uint16_t* xq = xm + (int64_t)q * kpad;
-        a0 = dp(a0, w0, xq);
-        a1 = dp(a1, w1, xq + 32);
-        a0 = dp(a0, w2, xq + 64);
-        a1 = dp(a1, w3, xq + 96);
+      if constexpr (MB >= 4) {  // enough independent x rows to hide the dpbf16 latency with one chain each
+        __m512 a = _mm512_setzero_ps();
+        for (int q = 0; q < P; ++q) {
+          const uint16_t* xq = xm + (int64_t)q * kpad;
+          a = dp(dp(dp(dp(a, w0, xq), w1, xq + 32), w2, xq + 64), w3, xq + 96);
+        }
+        acc[m] = _mm512_fmadd_ps(a, sv, acc[m]);
+      } else {  // few rows: two chains per row
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        for (int q = 0; q < P; ++q) {
+          const uint16_t* xq = xm + (int64_t)q * kpad;
+          a0 = dp(a0, w0, xq);
+          a1 = dp(a1, w1, xq + 32);
+          a0 = dp(a0, w2, xq + 64);
+          a1 = dp(a1, w3, xq + 96);
+        }
+        acc[m] = _mm512_fmadd_ps(_mm512_add_ps(a0, a1), sv, acc[m]);
       }
-      acc[m] = _mm512_fmadd_ps(_mm512_add_ps(a0, a1), sv, acc[m]);
     }
   }
   for (int m = 0; m < MB; ++m) _mm512_storeu_ps(acc_io + 16 * m, acc[m]);
@@ -165,6 +180,8 @@ NVLM_AVX512BF16 void int8_row(const int8_t* row, int64_t K, const uint16_t* x, i
     for (int a = 1; a < NA; ++a) acc[m][a] = _mm512_setzero_ps();
   }
   for (int64_t k0 = c0 * kChunk; k0 < std::min(K, c1 * kChunk); k0 += kChunk) {
+    _mm_prefetch(reinterpret_cast<const char*>(row + k0) + kPrefetchBytes, _MM_HINT_T1);
+    _mm_prefetch(reinterpret_cast<const char*>(row + k0) + kPrefetchBytes + 64, _MM_HINT_T1);
 #pragma GCC unroll 4
     for (int r = 0; r < 4; ++r) {
       const int64_t kk = k0 + 32 * r;
@@ -244,7 +261,7 @@ NVLM_AVX512BF16 void gemv_avx512bf16(const QWeight& w, const uint16_t* xparts, i
   const int64_t N = w.N, K = w.K, M = out.M;
   const int64_t ngroups = w.bits == 4 ? K / w.group : 1;
   const int64_t nblocks = (M + kMaxMB - 1) / kMaxMB;
-  const int64_t nchunks = kpad / kChunk;
+  const int64_t nchunks = (K + kChunk - 1) / kChunk;  // kpad is the row stride (>= K rounded up to kChunk)
   const int last_mb = static_cast<int>(M - (nblocks - 1) * kMaxMB);
   const int full_mb = nblocks > 1 ? kMaxMB : last_mb;
   // k-block: as many chunks as keep one x block (mb rows x parts x 2 bytes) within 16 KiB.

@@ -1,12 +1,12 @@
 // CPU implementation of nvlm_kernels::w8a16_linear / w4a16_linear (schemas in csrc/ops.cpp; format in
 // csrc/common/quant_layout.h and nvlm_kernels/packing.py):  y[..., N] = x[..., K] @ dequant(w)^T (+ bias).
 //
-// Routing by M = rows of x (quant::kGemvMaxMCpu, the same numbers as quant_linear.select_kernel):
-//   * "gemv" (M <= 16): stream the packed weights once and decode them in registers
+// Routing by M = rows of x (quant::kGemvMaxMCpu = 32, the same numbers as quant_linear.select_kernel):
+//   * "gemv" (M <= 32): stream the packed weights once and decode them in registers
 //       AVX-512 + AVX512-BF16 -> quant_kernels_avx512.cpp (vdpbf16ps on exact bf16 weights)
 //       AVX2 + FMA             -> quant_kernels_avx2.cpp   (fp32 FMAs)
 //       otherwise              -> quant_kernels_scalar.cpp
-//   * "gemm" (M > 16): dequantise a tile of weight rows (a few MiB, stays in cache) to bf16 (bf16 activations) or
+//   * "gemm" (M > 32): dequantise a tile of weight rows (~16 MiB) to bf16 (bf16 activations) or
 //     fp32, multiply with at::mm (oneDNN), repeat over N. The weights are still read from memory once.
 // NVLM_KERNELS_CPU_ISA=avx2|scalar caps the SIMD level per call (tests exercise every path on one machine).
 #include <ATen/ATen.h>
@@ -124,7 +124,9 @@ at::Tensor run(const at::Tensor& x, const QWeight& w, const std::optional<at::Te
   if (M <= nvlm::quant::kGemvMaxMCpu) {  // ---- gemv
     const Out out{y.data_ptr<float>(), bptr, M, threads};
     if (isa == Isa::kAvx512Bf16) {
-      const int64_t kpad = (K + nvlm::quant_cpu::kChunk - 1) / nvlm::quant_cpu::kChunk * nvlm::quant_cpu::kChunk;
+      // Row stride: K rounded up to a chunk, plus 128 bytes so that rows do not alias in L1 (quant_kernels.h).
+      const int64_t kpad =
+          (K + nvlm::quant_cpu::kChunk - 1) / nvlm::quant_cpu::kChunk * nvlm::quant_cpu::kChunk + 64;
       int parts = 1;
       const auto xp = prepare_x_bf16(x2, w.bits, kpad, &parts);
       nvlm::quant_cpu::gemv_avx512bf16(w, reinterpret_cast<const uint16_t*>(xp.data_ptr<int16_t>()), parts, kpad,
@@ -141,8 +143,9 @@ at::Tensor run(const at::Tensor& x, const QWeight& w, const std::optional<at::Te
     const at::Tensor xc = bf16 ? x2 : x2.to(at::kFloat);
     const auto ct = bf16 ? at::kBFloat16 : at::kFloat;
     const int64_t elt = bf16 ? 2 : 4;
-    // ~4 MiB tiles: large enough for an efficient matmul, small enough to stay in the last-level cache.
-    const int64_t rows = std::max<int64_t>(16, std::min<int64_t>(N, (int64_t(4) << 20) / (K * elt)) / 16 * 16);
+    // ~16 MiB tiles: few enough parallel regions (each dequantise + matmul pair is two OpenMP barriers, and on a
+    // shared 2-core machine a barrier can wait a whole scheduler time slice), and about half the last-level cache.
+    const int64_t rows = std::max<int64_t>(16, std::min<int64_t>(N, (int64_t(16) << 20) / (K * elt)) / 16 * 16);
     auto tile = at::empty({rows, K}, x.options().dtype(ct));
     at::Tensor tile_f = (isa != Isa::kAvx512Bf16 && bf16) ? at::empty({rows, K}, x.options().dtype(at::kFloat))
                                                            : at::Tensor();

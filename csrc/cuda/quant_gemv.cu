@@ -46,13 +46,29 @@ __device__ __forceinline__ __half from_float<__half>(float v) { return __float2h
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
-// 8 consecutive activations -> fp32 (one 16-byte load for 16-bit types, two for fp32).
+// 8 consecutive activations -> fp32: one 16-byte load (two for fp32); 16-bit values are unpacked with shifts so the
+// packet never goes through local memory.
 template <typename T>
-__device__ __forceinline__ void load8(const T* p, float* out) {
+__device__ __forceinline__ void load8(const T* p, float* out);
+template <>
+__device__ __forceinline__ void load8<__nv_bfloat16>(const __nv_bfloat16* p, float* out) {
   const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
-  const T* h = reinterpret_cast<const T*>(&v);
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
-  for (int i = 0; i < 8; ++i) out[i] = to_float(h[i]);
+  for (int i = 0; i < 4; ++i) {
+    out[2 * i] = __uint_as_float(w[i] << 16);
+    out[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
+  }
+}
+template <>
+__device__ __forceinline__ void load8<__half>(const __half* p, float* out) {
+  const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    out[2 * i] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[i] & 0xFFFFu)));
+    out[2 * i + 1] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[i] >> 16)));
+  }
 }
 template <>
 __device__ __forceinline__ void load8<float>(const float* p, float* out) {
@@ -93,6 +109,8 @@ __global__ void __launch_bounds__(kWarps * 32) w4a16_gemv_kernel(const T* __rest
 #pragma unroll
   for (int m = 0; m < MT; ++m) acc[m] = 0.f;
 
+  // Two packets in flight per lane. (Branching on m < M inside this loop made ptxas spill 12 bytes for MT = 4, 8;
+  // the clamped row index below keeps every kernel spill-free on sm_80 and sm_90a.)
 #pragma unroll 2
   for (int64_t b = lane * 16; b < row_bytes; b += 32 * 16) {  // b: byte offset of this lane's 16-byte packet
     const uint4 pk = __ldg(reinterpret_cast<const uint4*>(row + b));
@@ -101,28 +119,27 @@ __global__ void __launch_bounds__(kWarps * 32) w4a16_gemv_kernel(const T* __rest
     const float s = load_scale(scales, stype, n * ngroups + g);
     const float z = static_cast<float>(zeros[n * ngroups + g] & 15);
     const uint32_t words[4] = {pk.x, pk.y, pk.z, pk.w};          // word i: weights k0 + 8i .. k0 + 8i + 7
-    float wq[32];
+    float qx[MT], sx[MT];                                        // sum q x and sum x over the packet, per row
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
+    for (int m = 0; m < MT; ++m) qx[m] = sx[m] = 0.f;
 #pragma unroll
-      for (int j = 0; j < 8; ++j) wq[8 * i + j] = u8_to_float(q::int4_from_word(words[i], j));
+    for (int i = 0; i < 4; ++i) {
+      float wq[8];
 #pragma unroll
-    for (int m = 0; m < MT; ++m) {
-      if (m < M) {
-        float qx = 0.f, sx = 0.f;
+      for (int j = 0; j < 8; ++j) wq[j] = u8_to_float(q::int4_from_word(words[i], j));
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          float xv[8];
-          load8(x + static_cast<int64_t>(m) * K + k0 + 8 * i, xv);
+      for (int m = 0; m < MT; ++m) {  // rows m >= M (MT rounds M up) recompute row M-1; they are not stored
+        float xv[8];
+        load8(x + static_cast<int64_t>(m < M ? m : M - 1) * K + k0 + 8 * i, xv);
 #pragma unroll
-          for (int j = 0; j < 8; ++j) {
-            qx = fmaf(wq[8 * i + j], xv[j], qx);
-            sx += xv[j];
-          }
+        for (int j = 0; j < 8; ++j) {
+          qx[m] = fmaf(wq[j], xv[j], qx[m]);
+          sx[m] += xv[j];
         }
-        acc[m] = fmaf(s, fmaf(-z, sx, qx), acc[m]);
       }
     }
+#pragma unroll
+    for (int m = 0; m < MT; ++m) acc[m] = fmaf(s, fmaf(-z, sx[m], qx[m]), acc[m]);
   }
 #pragma unroll
   for (int m = 0; m < MT; ++m) {

@@ -71,7 +71,7 @@ def isa(request, monkeypatch):
 # Compiled CPU kernels vs truth, every ISA level
 # ----------------------------------------------------------------------------------------------------------------
 @needs_cpu_kernel
-@pytest.mark.parametrize("m", [1, 3, 16, 257])
+@pytest.mark.parametrize("m", [1, 3, 16, 33, 257])
 @pytest.mark.parametrize("k, n, g", [(384, 96, 128), (640, 200, 64), (640, 200, 32), (96, 40, 32), (192, 24, 64)])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -233,8 +233,8 @@ def test_cuda_matches_truth(m, dtype):
 
 
 def test_select_kernel_rule_and_header_agree():
-    assert select_kernel(1, 4, "cpu") == "gemv" and select_kernel(16, 8, "cpu") == "gemv"
-    assert select_kernel(17, 4, "cpu") == "gemm"
+    assert select_kernel(1, 4, "cpu") == "gemv" and select_kernel(32, 8, "cpu") == "gemv"
+    assert select_kernel(33, 4, "cpu") == "gemm"
     assert select_kernel(8, 4, "cuda") == "gemv" and select_kernel(9, 8, "cuda") == "gemm"
     with pytest.raises(ValueError, match="'bits'"):
         select_kernel(1, 3, "cpu")

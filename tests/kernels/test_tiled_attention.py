@@ -126,6 +126,16 @@ def test_fused_qk_rmsnorm_strided():
     _check_close(_triton(q, k, v, **kw), q, k, v, **kw)
 
 
+@pytest.mark.parametrize("norm", [False, True])
+def test_launch_split_over_tiles(monkeypatch, norm):
+    # More (tile, head) programs than grid axis 1 holds: the launcher splits over tiles (limit lowered to test it).
+    monkeypatch.setattr(ta_mod, "_MAX_GRID_Y", 4)
+    q, k, v = _inputs(5, 2, 9, 64, torch.float16, scale=2.0)
+    w = torch.rand(2 * 64, device=DEV) + 0.5
+    kw = dict(q_norm_weight=w, k_norm_weight=w.flip(0)) if norm else {}
+    _check_close(_triton(q, k, v, **kw), q, k, v, **kw)
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="host-side bf16 upcast is the interpreter path only")
 def test_bf16_under_interpreter_upcasts():
     q, k, v = _inputs(1, 2, 9, 64, torch.bfloat16)

@@ -75,6 +75,8 @@ class Row:
     limit_name: str | None = None
     speedup: dict[str, float] = field(default_factory=dict)
     note: str = ""
+    limit_value: float | None = None   # the measured limit pct_of_limit was computed against (GB/s or TFLOP/s)
+    device: str = ""                   # where it ran ("cpu", "cuda:0"): whose limits limit_value belongs to
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -262,6 +264,48 @@ def _best(fn, args, reps) -> float:
     return min(measure(fn, args_list=[args], warmup=0, reps=1, min_time_s=0.0).median_ms for _ in range(reps))
 
 
+def _device_key(device) -> str:
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return str(dev)
+
+
+def rescale_to_best_limits(rows: list[Row], limits: dict[str, dict]) -> None:
+    """Make every row's % of limit refer to the best figure measured for its device and limit in this run (in this
+    process, ``limits``: device key -> machine_limits dict, or in a subprocess, a row's own ``limit_value``): a limit
+    measured at a busy moment would otherwise overstate % of limit. Updates ``limits`` and ``rows`` in place."""
+    for r in rows:
+        if r.limit_name and r.limit_value and r.device in limits:
+            lim = limits[r.device]
+            lim[r.limit_name] = max(lim[r.limit_name], r.limit_value)
+    for r in rows:
+        if r.limit_name and r.limit_value and r.device in limits:
+            best = limits[r.device][r.limit_name]
+            if best > r.limit_value:
+                r.pct_of_limit *= r.limit_value / best
+                r.limit_value = best
+
+
+def remeasure_limits(device="cpu") -> dict:
+    """Measure ``device``'s limits again and keep, per limit, the higher of the two measurements (the one less
+    disturbed by other processes): a limit measured while the machine was busy would inflate % of limit.
+    Returns ``{limit name: (old, new best)}`` for the limits that changed."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    old = _LIMITS_CACHE.pop(str(dev), None)
+    new = machine_limits(dev)
+    changed = {}
+    if old is not None:
+        for k in LIMIT_NAMES:
+            if old[k] > new[k]:
+                new[k] = old[k]
+            elif new[k] > old[k]:
+                changed[k] = (old[k], new[k])
+    return changed
+
+
 def machine_limits(device="cpu") -> dict:
     """Measure the machine's limits for ``device`` once per process (cached).
 
@@ -345,7 +389,7 @@ def make_row(op: str, shape, dtype, backend: str, timing: Timing, *, bytes_moved
     sec = timing.median_ms / 1e3
     gbps = bytes_moved / sec / 1e9 if bytes_moved is not None else None
     tflops = flops / sec / 1e12 if flops is not None else None
-    pct = None
+    pct = limit_value = None
     if limit is not None:
         if limit not in LIMIT_NAMES:
             raise ValueError(f"bench.harness.make_row: argument 'limit' must be one of {LIMIT_NAMES}, got {limit!r}")
@@ -353,11 +397,12 @@ def make_row(op: str, shape, dtype, backend: str, timing: Timing, *, bytes_moved
         if achieved is None:
             need = "bytes_moved" if limit in BANDWIDTH_LIMITS else "flops"
             raise ValueError(f"bench.harness.make_row: limit {limit!r} needs argument '{need}'")
-        pct = 100.0 * achieved / machine_limits(device)[limit]
+        limit_value = machine_limits(device)[limit]
+        pct = 100.0 * achieved / limit_value
     speedup = {name: b.median_ms / timing.median_ms for name, b in (baselines or {}).items()}
     return Row(op=op, shape=shape_str(shape), dtype=dtype_str(dtype), backend=backend, median_ms=timing.median_ms,
                p20_ms=timing.p20_ms, p80_ms=timing.p80_ms, gbps=gbps, tflops=tflops, pct_of_limit=pct,
-               limit_name=limit, speedup=speedup, note=note)
+               limit_name=limit, speedup=speedup, note=note, limit_value=limit_value, device=_device_key(device))
 
 
 # ----------------------------------------------------------------------------------------------------------------

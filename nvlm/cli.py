@@ -1,4 +1,4 @@
-"""The ``nvlm`` command: chat | demo | plan | quantize | bench.
+"""The ``nvlm`` command: chat | demo | plan | quantize | bench | train | eval.
 
 Errors print one line (``nvlm: error: ...``) and exit with status 2; ``--debug`` shows the traceback instead.
 Heavy imports happen inside each subcommand so ``nvlm --help`` is instant.
@@ -69,11 +69,34 @@ def _add_bench(sub):
     p.set_defaults(func=cmd_bench)
 
 
+def _add_train(sub):
+    p = sub.add_parser("train", help="train the small NVLM-D shipped as the demo default (stages 0a, 0b, 1, 2)")
+    p.add_argument("--out", default=None, help="checkpoint folder, replaced if it exists "
+                                               "(default: nvlm/assets/nvlm-d-small)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", default=None, help="steps per stage, e.g. '0a=1000,0b=800,1=200,2=1200'")
+    p.add_argument("--no-tile-tags", action="store_true", help="tile-tag ablation: images without <tile_k> tags")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (results are reproducible for a "
+                                                          "given count; default 1)")
+    p.set_defaults(func=cmd_train)
+
+
+def _add_eval(sub):
+    p = sub.add_parser("eval", help="accuracy of a checkpoint on the held-out synthetic sets (bf16 or quantised)")
+    p.add_argument("--model", default=None, help="checkpoint folder (default: the shipped small model)")
+    p.add_argument("--quant", default="bf16", choices=["bf16", "int8", "int4", "bnb-nf4"])
+    p.add_argument("--n", type=int, default=400, help="held-out image samples")
+    p.add_argument("--n-text", type=int, default=200, help="held-out text-only samples")
+    p.add_argument("--sqnr-samples", type=int, default=64, help="image samples for the logits SQNR (0: skip)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_eval)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="nvlm", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_chat, _add_demo, _add_plan, _add_quantize, _add_bench):
+    for add in (_add_chat, _add_demo, _add_plan, _add_quantize, _add_bench, _add_train, _add_eval):
         add(sub)
     return parser
 
@@ -190,6 +213,18 @@ def cmd_demo(args):
 
     return run_demo(model_path=args.model, image=args.image, question=args.question, quant=args.quant,
                     max_new_tokens=args.max_new_tokens)
+
+
+def cmd_train(args):
+    from nvlm.train import run
+
+    return run(args)
+
+
+def cmd_eval(args):
+    from nvlm.evaluate import run
+
+    return run(args)
 
 
 def main(argv=None):

@@ -4,9 +4,11 @@ Loads the default model twice (compute dtype and quantised while streaming), ans
 image with the quantised one, and prints per-stage times, weight memory, which kernel backends ran, and what the
 planner says about NVLM-D-72B on H100s.
 
-The embedded default is, for now, a tiny NVLM-D with RANDOM weights in the published checkpoint layout (generated
-once, seeded, into the cache folder): it proves the whole path (loading, tiling, kernels, quantisation, generation)
-but its answer is noise. Pass --model for a real checkpoint.
+The embedded default is the small NVLM-D trained by ``nvlm train`` (nvlm/assets/nvlm-d-small, published layout,
+bf16, with its tokenizer; ``nvlm.tasks`` describes what it answers): asked "What shape is on the left?" about the
+example image (red circle left, blue square right) it answers "circle", also when quantised to int4. Without that
+folder (a trimmed install) the default falls back to a tiny NVLM-D with RANDOM weights (generated once, seeded,
+into the cache folder), which proves the path but answers noise. Pass --model for another checkpoint.
 """
 
 from __future__ import annotations
@@ -25,9 +27,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("NVLM_CACHE", Path.home() / ".cache" / "nvlm"))
 
 
+TRAINED_MODEL = ASSETS / "nvlm-d-small"
+
+
 def default_model_path() -> Path:
-    """The tiny random NVLM-D checkpoint (published layout), created on first use."""
+    """The shipped trained small NVLM-D when present, else the tiny random checkpoint (created on first use)."""
     from nvlm.testing import make_checkpoint
+
+    if (TRAINED_MODEL / "config.json").is_file() and (TRAINED_MODEL / "tokenizer.json").is_file():
+        return TRAINED_MODEL
 
     path = cache_dir() / "tiny-d-random-seed0"
     if not (path / "config.json").exists():
@@ -90,8 +98,13 @@ def run_demo(model_path=None, image=None, question="What shape is on the left?",
     decode_rate = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else float("nan")
 
     cols, rows = inputs["image_grids"][0]
-    print(f"model:    {model_path}" + ("  (embedded default: tiny NVLM-D, RANDOM weights: the answer is noise)"
-                                       if embedded else ""))
+    if embedded and model_path == TRAINED_MODEL:
+        note = "  (embedded default: small NVLM-D trained by `nvlm train`)"
+    elif embedded:
+        note = "  (embedded default: tiny NVLM-D, RANDOM weights: the answer is noise)"
+    else:
+        note = ""
+    print(f"model:    {model_path}" + note)
     print(f"image:    {image}  -> {cols}x{rows} tiles" + (" + thumbnail" if cols * rows > 1 else ""))
     print(f"question: {question}")
     print(f"answer:   {answer!r}")

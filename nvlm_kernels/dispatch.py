@@ -12,6 +12,7 @@ thing. Each op module lists the backends it implements and calls :func:`select`.
 """
 
 import contextlib
+import functools
 import os
 import threading
 from collections import Counter
@@ -27,6 +28,7 @@ _local = threading.local()
 usage: Counter = Counter()
 
 
+@functools.cache
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401
@@ -77,8 +79,12 @@ def available(op: str, device: torch.device, implemented: tuple[str, ...]) -> li
     return out
 
 
+@torch.compiler.assume_constant_result
 def select(op: str, device: torch.device, implemented: tuple[str, ...]) -> str:
-    """Pick the backend for one call of ``op`` and count it in :data:`usage`."""
+    """Pick the backend for one call of ``op`` and count it in :data:`usage`.
+
+    Under ``torch.compile`` the choice is made once, while tracing, and baked into the graph (dynamo cannot trace
+    the dispatcher queries inside), so every op works with ``fullgraph=True``."""
     can = available(op, device, implemented)
     forced = forced_backend()
     if forced is not None:

@@ -489,11 +489,11 @@ def gate_specs() -> list[dict]:
     L=1 (8 rows per kv head: the KV axis is split 14 ways, then the combine kernel merges them).
 
     Keys: name, fn (@triton.jit), signature (every non-constexpr parameter -> triton type), constexprs, num_warps,
-    num_stages, hot_path, tensor_cores (True: QK^T and PV must compile to wgmma/mma), plus ``jit_divisibility_16``:
-    the parameters that Triton's JIT marks ``tt.divisibility=16`` at these shapes (aligned pointers, ints that are
-    multiples of 16); pass them as ``ASTSource(attrs={(index,): [["tt.divisibility", 16]]})`` to compile exactly
-    what runs. Without them the loads are not vectorised into cp.async and registers rise, so the check below was
-    made both ways.
+    num_stages, hot_path, tensor_cores (True: QK^T and PV must compile to wgmma on sm_90a / mma on sm_80; "mma":
+    mma.sync on every arch), plus ``divisible_by_16``: the parameters that Triton's JIT marks
+    ``tt.divisibility=16`` at these shapes (aligned pointers, ints that are multiples of 16); the gate compiles with
+    ``ASTSource(attrs={(index,): [["tt.divisibility", 16]]})`` for them, i.e. exactly what runs. Without them the
+    loads are not vectorised into cp.async and registers rise, so the check below was made both ways.
 
     ptxas -v, triton 3.8, 2026-11-22 (no hints / JIT hints), sm_90a:
       prefill 128x32, 8 warps, 3 stages: 254 / 164 regs, 0 spills, wgmma;   sm_80: 255 / 190 regs, 0 spills, mma.
@@ -505,20 +505,27 @@ def gate_specs() -> list[dict]:
     if triton is None or dispatch.triton_interpreted():
         return []  # the interpreter's tiles are not the GPU's: the gate compiles without TRITON_INTERPRET
     head_dim, group = 128, 8
-    fwd_div = [k for k in _FWD_SIGNATURE if k not in ("Hkv", "qk_scale")]
+    fwd_div = [k for k in _FWD_SIGNATURE if k not in ("Hkv", "qk_scale")]  # pointers, strides, L, M, n_rows, ...
     specs = []
     for name, rows, split in (("gxattn_fwd_prefill_L1024", 1024 * group, False),
                               ("gxattn_fwd_decode_split", 1 * group, True)):
         cfg = _config(rows, head_dim)
-        div = fwd_div if name.endswith("L1024") else [k for k in fwd_div if k != "L"]  # L=1 is specialised to 1
+        div = fwd_div if name.endswith("L1024") else [k for k in fwd_div if k != "L"]
+        sig, seq = dict(_FWD_SIGNATURE), {}
+        if not name.endswith("L1024"):  # the JIT passes an int equal to 1 (decode L) as the constexpr 1
+            del sig["L"]
+            seq = {"L": 1}
+        # Decode: the 16-row tile (one query x 8 GQA heads, padded to tl.dot's minimum M) is below wgmma's M = 64,
+        # so Triton lowers both dots to mma.sync on sm_90a as well: require exactly that (tensor cores, not FMA).
+        # A 64-row tile would be 7/8 padding for 8 real rows; the kernel is memory-bound at decode anyway.
         specs.append(dict(
-            name=name, fn=_gxattn_fwd_kernel, signature=dict(_FWD_SIGNATURE),
-            constexprs=dict(D=head_dim, GROUP=group, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+            name=name, fn=_gxattn_fwd_kernel, signature=sig,
+            constexprs=dict(**seq, D=head_dim, GROUP=group, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                             BLOCK_D=cfg["BLOCK_D"], SPLIT=split, PRECISION="tf32"),
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], hot_path=True, tensor_cores=True,
-            jit_divisibility_16=div))
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], hot_path=True,
+            tensor_cores="mma" if split else True, divisible_by_16=div))
     specs.append(dict(
         name="gxattn_combine_decode", fn=_gxattn_combine_kernel, signature=dict(_COMBINE_SIGNATURE),
         constexprs=dict(D=head_dim, BLOCK_S=16, BLOCK_D=128), num_warps=2, num_stages=1, hot_path=True,
-        tensor_cores=False, jit_divisibility_16=["PartO", "PartLse", "Gate", "KVStart", "KVEnd", "Out", "n_rows"]))
+        tensor_cores=False, divisible_by_16=["PartO", "PartLse", "Gate", "KVStart", "KVEnd", "Out", "n_rows"]))
     return specs

@@ -11,15 +11,23 @@ configuration) the package would launch at the real NVLM-D-72B shapes (autotune 
     constexprs: {param: value}
     num_warps: int, num_stages: int
     hot_path: bool                 launched by NVLM-D-72B inference: must not spill
-    tensor_cores: bool             a matmul-type kernel: must emit wgmma on sm_90a and mma on sm_80
+    tensor_cores: bool | "mma"     True: a matmul-type kernel, must emit wgmma on sm_90a and mma.sync on sm_80;
+                                   "mma": must emit mma.sync on every arch (tiles below wgmma's M = 64, e.g. a
+                                   16-row decode tile); False: no requirement
     (optional) shape: str          what it is launched for, shown in the table
+    (optional) divisible_by_16: [param, ...]   parameters that are 16-aligned pointers / multiples of 16 at the
+                                   real launch. Triton's JIT specialises such arguments at run time (``tt.divisibility
+                                   = 16``: vectorised loads, cp.async pipelining, fewer registers), so the gate
+                                   compiles with ``ASTSource(attrs={(index,): [["tt.divisibility", 16]]})`` for them;
+                                   list only parameters that really meet it, or the figures are better than what runs
 
 ``gate_specs`` may take a ``capability`` argument (80 or 90): it is then called once per arch, so that arch-specific
 candidate lists are gated on their own arch. Each spec is compiled ahead of time with ``triton.compile(ASTSource,
 target=GPUTarget("cuda", cc, 32))``, the PTX is assembled again by the ptxas that Triton ships, with the flags Triton
 uses and ``-v``, and its report is parsed: registers, spill stores/loads, stack, static shared memory; the dynamic
 shared memory is what Triton's metadata says the launch needs. Tensor-core use is counted in the PTX (``wgmma`` /
-``mma.sync``) and the SASS (``HGMMA`` / ``HMMA``); ptxas' "Potential Performance Loss" notes (e.g. wgmma serialised
+``mma.sync``) and the SASS (``HGMMA`` / ``HMMA``), 16-byte global loads in the PTX (``ld.global.v4`` / 16-byte
+``cp.async``: what the divisibility hints buy); ptxas' "Potential Performance Loss" notes (e.g. wgmma serialised
 for lack of registers) are kept. Theoretical occupancy follows from registers, shared memory and warps per block.
 
 CUDA C++ kernels. Each ``csrc/cuda/*.cu`` is compiled (device code only, ``--fatbin``) for each arch with the
@@ -28,12 +36,13 @@ include paths and nvcc flags that ``setup.py``'s ``nvlm_kernels._C`` extension u
 function is reported. All of them count as hot path.
 
 Problems (exit status 1, and ``tests/test_gpu_gate.py`` fails): a kernel that fails to compile, a hot-path kernel
-that spills, a ``tensor_cores`` kernel without tensor-core instructions on its arch, wgmma serialised by ptxas in a
-hot-path kernel, shared memory over the per-block limit, zero occupancy, a module whose import or ``gate_specs``
-raises, and a ``@triton.jit`` function that no spec covers (directly or as a function a covered kernel calls).
+that spills, a ``tensor_cores`` kernel without the tensor-core instruction it requires on its arch, a spec whose
+``divisible_by_16`` names an unknown or non-integer parameter, wgmma serialised by ptxas in a hot-path kernel, shared
+memory over the per-block limit, zero occupancy, a module whose import or ``gate_specs`` raises, and a
+``@triton.jit`` function that no spec covers (directly or as a function a covered kernel calls).
 
 Results are cached by a hash of the kernel source (Triton's ``cache_key``, which covers the jit functions it calls),
-signature, constexprs, options, arch and tool versions (``$NVLM_GATE_CACHE``, default
+signature, constexprs, divisibility hints, options, arch and tool versions (``$NVLM_GATE_CACHE``, default
 ``~/.cache/nvlm_kernels/gpu_gate``), so an unchanged kernel is not recompiled. Compiles run in parallel processes.
 """
 
@@ -61,9 +70,10 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-GATE_VERSION = 1  # bump when what a cached result contains changes
+GATE_VERSION = 2  # bump when what a cached result contains changes
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPEC_KEYS = ("name", "fn", "signature", "constexprs", "num_warps", "num_stages", "hot_path", "tensor_cores")
+TENSOR_CORE_MODES = (False, True, "mma")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -94,6 +104,15 @@ ARCHS = {
 }
 
 
+def tensor_core_instr(arch: Arch, mode) -> tuple[str, str, str]:
+    """``(name, PTX regex, SASS regex)`` of the tensor-core instruction a ``tensor_cores`` mode requires on ``arch``:
+    True (or False, for the informational count) = the arch's best (wgmma on sm_90a, mma.sync on sm_80); "mma" =
+    mma.sync on every arch (HMMA in SASS)."""
+    if mode == "mma" or arch.cc < 90:
+        return "mma", ARCHS["80"].tc_ptx, ARCHS["80"].tc_sass
+    return "wgmma", arch.tc_ptx, arch.tc_sass
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Results
 # ----------------------------------------------------------------------------------------------------------------
@@ -104,7 +123,7 @@ class KernelReport:
     name: str                  # spec name or demangled kernel name
     arch: str
     hot_path: bool = True
-    tensor_cores: bool = False
+    tensor_cores: bool | str = False   # False | True (wgmma on sm_90a, mma on sm_80) | "mma" (mma.sync everywhere)
     shape: str = ""
     num_warps: int | None = None
     num_stages: int | None = None
@@ -116,9 +135,11 @@ class KernelReport:
     stack_bytes: int | None = None
     smem_static: int | None = None     # ptxas "bytes smem"
     smem_dynamic: int | None = None    # Triton metadata "shared"
-    tc_ptx: int | None = None          # tensor-core instructions in PTX
+    tc_ptx: int | None = None          # the required tensor-core instruction (tensor_core_instr) in PTX
     tc_sass: int | None = None         # ... and in SASS (None: not disassembled / disassembler unavailable)
     mma_sync_ptx: int | None = None    # sm_90a: Ampere-style mma.sync in the PTX (tensor cores, without wgmma)
+    vector_loads: int | None = None    # 16-byte global loads in the PTX (ld.global.v4 / 16-byte cp.async): what the
+                                       # divisibility hints enable
     ptxas_notes: list[str] = field(default_factory=list)
     blocks_per_sm: int | None = None
     occupancy: float | None = None     # active warps / max warps per SM
@@ -142,6 +163,9 @@ _RE_PROPS = re.compile(r"Function properties for (\S+)")
 _RE_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _RE_USED = re.compile(r"Used (\d+) registers")
 _RE_SMEM = re.compile(r"(\d+) bytes smem")
+# 16-byte global -> register (ld.global[.nc...].v4.b32 / .v2.b64) or global -> shared (cp.async ... 16) copies
+_RE_VEC_LOAD = re.compile(r"\bld\.global(?:\.\w+)*\.(?:v4\.(?:b|u|s|f)32|v2\.(?:b|u|s|f)64)\b"
+                          r"|\bcp\.async\.c[ag]\.shared\.global(?:\.\w+)*\s+\[[^\]]*\],\s*\[[^\]]*\],\s*(?:0x10|16)\b")
 _RE_NOTE = re.compile(r"(Potential Performance Loss: .*?)(?: (?:in|for) the function '([^']+)')?\s*$")
 
 
@@ -227,10 +251,10 @@ def judge(r: KernelReport, arch: Arch) -> None:
         r.problems.append(f"hot-path kernel spills on {arch.sm}: {r.spill_stores} B stores, "
                           f"{r.spill_loads} B loads ({r.registers} registers)")
     if r.tensor_cores:
-        want = "wgmma" if arch.cc >= 90 else "mma"
+        want = tensor_core_instr(arch, r.tensor_cores)[0]
         if not r.tc_ptx:
             fallback = (f" (it has {r.mma_sync_ptx} mma.sync: the Ampere path, without Hopper's wgmma throughput)"
-                        if r.mma_sync_ptx else "")
+                        if r.mma_sync_ptx and want == "wgmma" else "")
             r.problems.append(f"tensor_cores kernel emits no {want} on {arch.sm}{fallback}")
         elif r.tc_sass == 0:
             r.problems.append(f"tensor_cores kernel: {want} in PTX but none in the SASS on {arch.sm}")
@@ -324,6 +348,9 @@ def module_specs(mod, arch: Arch) -> list[dict]:
             raise ValueError(f"{mod.__name__}.gate_specs()[{i}] ({s.get('name', '?')}): missing keys {missing}")
         if s["name"] in names:
             raise ValueError(f"{mod.__name__}.gate_specs(): duplicate name {s['name']!r}")
+        if not any(s["tensor_cores"] is m or s["tensor_cores"] == m for m in TENSOR_CORE_MODES):
+            raise ValueError(f"{mod.__name__}.gate_specs()[{i}] ({s['name']}): 'tensor_cores' must be one of "
+                             f"{TENSOR_CORE_MODES}, got {s['tensor_cores']!r}")
         names.add(s["name"])
     return specs
 
@@ -344,10 +371,30 @@ def _full_signature(fn, spec: dict) -> dict:
     return {p: sig[p] for p in params}  # in parameter order
 
 
+def divisibility_attrs(fn, spec: dict) -> dict:
+    """``ASTSource`` attrs for the spec's ``divisible_by_16`` parameters, in the format Triton's JIT itself builds
+    (triton 3.8 ``JITFunction._pack_args`` -> ``backend.parse_attr("D")``): ``{(param index,): [["tt.divisibility",
+    16]]}``, the index counting every parameter of ``fn`` (constexprs included)."""
+    names = list(spec.get("divisible_by_16", []))
+    if isinstance(spec.get("divisible_by_16"), str):
+        raise ValueError(f"spec {spec['name']!r}: 'divisible_by_16' must be a list of parameter names, not a string")
+    bad = [n for n in names if n not in spec["signature"]]
+    if bad:
+        raise ValueError(f"spec {spec['name']!r}: 'divisible_by_16' names {bad}, which are not in its signature "
+                         f"(only non-constexpr parameters can carry the hint)")
+    wrong_type = [n for n in names if not (spec["signature"][n].startswith("*") or spec["signature"][n][0] in "iu")]
+    if wrong_type:
+        raise ValueError(f"spec {spec['name']!r}: 'divisible_by_16' names {wrong_type}, which are neither pointers "
+                         f"nor integers")
+    params = list(fn.arg_names)
+    return {(params.index(n),): [["tt.divisibility", 16]] for n in sorted(set(names), key=params.index)}
+
+
 def _spec_key(fn, spec: dict, arch: Arch, options: dict) -> str:
     import triton
 
-    payload = json.dumps([GATE_VERSION, fn.cache_key, spec["signature"], spec["constexprs"], options, arch.name,
+    payload = json.dumps([GATE_VERSION, fn.cache_key, spec["signature"], spec["constexprs"],
+                          sorted(spec.get("divisible_by_16", [])), spec["tensor_cores"], options, arch.name,
                           triton.__version__, _tool_version(_triton_bin("ptxas"))], sort_keys=True, default=repr)
     return "triton-" + hashlib.sha256(payload.encode()).hexdigest()[:32]
 
@@ -355,7 +402,7 @@ def _spec_key(fn, spec: dict, arch: Arch, options: dict) -> str:
 def _spec_base(module_name: str, spec: dict, arch: Arch) -> dict:
     """The report fields a spec itself decides (not the compiler)."""
     return dict(kind="triton", module=module_name, name=spec["name"], arch=arch.name,
-                hot_path=bool(spec["hot_path"]), tensor_cores=bool(spec["tensor_cores"]),
+                hot_path=bool(spec["hot_path"]), tensor_cores=spec["tensor_cores"],
                 shape=str(spec.get("shape", "")), num_warps=int(spec["num_warps"]),
                 num_stages=int(spec["num_stages"]))
 
@@ -369,6 +416,7 @@ def triton_spec_key(spec: dict, arch: Arch) -> str | None:
     try:
         fn = _unwrap(spec["fn"])
         _full_signature(fn, spec)
+        divisibility_attrs(fn, spec)
         return _spec_key(fn, spec, arch, _spec_options(spec))
     except Exception:
         return None
@@ -397,6 +445,7 @@ def compile_triton_spec(module_name: str, spec_name: str, arch_name: str, use_ca
         if not isinstance(fn, JITFunction):
             raise TypeError(f"'fn' is {type(fn).__name__}, not a @triton.jit function (is TRITON_INTERPRET set?)")
         sig = _full_signature(fn, spec)
+        attrs = divisibility_attrs(fn, spec)
         key = _spec_key(fn, spec, arch, options)
     except Exception as e:
         rep.update(compiled=False, error=f"{type(e).__name__}: {e}")
@@ -412,7 +461,7 @@ def compile_triton_spec(module_name: str, spec_name: str, arch_name: str, use_ca
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
 
-        src = ASTSource(fn=fn, signature=sig, constexprs=dict(spec["constexprs"]))
+        src = ASTSource(fn=fn, signature=sig, constexprs=dict(spec["constexprs"]), attrs=attrs)
         # Triton runs ptxas with -v itself; make it compile (no cache hit) and print that log, so ptxas runs once
         log = io.StringIO()
         saved = (triton.knobs.compilation.always_compile, triton.knobs.nvidia.dump_ptxas_log)
@@ -443,11 +492,13 @@ def compile_triton_spec(module_name: str, spec_name: str, arch_name: str, use_ca
             if len(entry) != 1:
                 raise RuntimeError(f"expected one entry function in the ptxas report, got {len(entry)}")
             st = entry[0]
+            _want, tc_ptx_re, tc_sass_re = tensor_core_instr(arch, rep["tensor_cores"])
             if rep["tensor_cores"]:  # disassembling is slow on big kernels: only where the check needs it
-                rep["tc_sass"] = count_sass(cubin_path, arch.tc_sass)
+                rep["tc_sass"] = count_sass(cubin_path, tc_sass_re)
         rep.update(registers=st["registers"], spill_stores=st["spill_stores"], spill_loads=st["spill_loads"],
                    stack_bytes=st["stack_bytes"], smem_static=st["smem_static"], ptxas_notes=st["notes"],
-                   tc_ptx=len(re.findall(arch.tc_ptx, ptx)), compiled=True)
+                   tc_ptx=len(re.findall(tc_ptx_re, ptx)), vector_loads=len(_RE_VEC_LOAD.findall(ptx)),
+                   compiled=True)
         if arch.cc >= 90:
             rep["mma_sync_ptx"] = len(re.findall(ARCHS["80"].tc_ptx, ptx))
     except Exception as e:
@@ -545,7 +596,7 @@ def _source_digest(source: str) -> str:
     files = [source] + sorted(p for d in ("csrc",) for p in _walk(os.path.join(REPO_ROOT, d))
                               if p.endswith((".h", ".cuh", ".hpp")))
     for p in files:
-        h.update(p.encode())
+        h.update(os.path.relpath(p, REPO_ROOT).encode())  # relative: a clone elsewhere gets the same key
         with open(p, "rb") as f:
             h.update(f.read())
     return h.hexdigest()
@@ -767,13 +818,13 @@ def _n(x) -> str:
 
 def format_table(result: dict) -> str:
     """Markdown table of every kernel x arch, then the problems."""
-    lines = ["| kernel | arch | hot | warps/stages | regs | spill st/ld B | smem B | tensor cores (PTX/SASS) "
-             "| occupancy (limiter) | status |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| kernel | arch | hot | warps/stages | regs | spill st/ld B | smem B | 16 B loads "
+             "| tensor cores (PTX/SASS) | occupancy (limiter) | status |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["reports"]:
         tc = "-"
         if r.tc_ptx is not None or r.tensor_cores:
-            want = "wgmma" if ARCHS[r.arch].cc >= 90 else "mma"
+            want = tensor_core_instr(ARCHS[r.arch], r.tensor_cores)[0]
             tc = f"{want} {_n(r.tc_ptx)}/{_n(r.tc_sass)}" + (" (required)" if r.tensor_cores else "")
         occ = "-"
         if r.occupancy is not None:
@@ -787,7 +838,8 @@ def format_table(result: dict) -> str:
         name = f"{r.module.removeprefix('nvlm_kernels.')}:{r.name}"
         smem = _n(r.smem_total if r.compiled else None)
         lines.append(f"| {name} | {ARCHS[r.arch].sm} | {'yes' if r.hot_path else 'no'} | {ws} | {_n(r.registers)} "
-                     f"| {_n(r.spill_stores)}/{_n(r.spill_loads)} | {smem} | {tc} | {occ} | {status} |")
+                     f"| {_n(r.spill_stores)}/{_n(r.spill_loads)} | {smem} | {_n(r.vector_loads)} | {tc} | {occ} "
+                     f"| {status} |")
     n_fail = sum(1 for r in result["reports"] if r.problems)
     probs = all_problems(result)
     lines += ["", f"{len(result['reports'])} kernel x arch compiled-and-checked entries, {n_fail} failing; "

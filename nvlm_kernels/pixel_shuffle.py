@@ -208,7 +208,11 @@ def _pixel_shuffle_layernorm_triton_fake(x, weight, bias, eps, version):
 def gate_specs() -> list[dict]:
     """What the GPU gate compiles: one entry per (Triton kernel, launch configuration the package really uses) at
     NVLM-D-72B's shape, x [7, 1024, 3200] -> 12800-wide rows, in bf16 and fp16 (LayerNorm weight/bias in the
-    activation dtype, as the model stores them)."""
+    activation dtype, as the model stores them).
+
+    ``divisible_by_16``: every pointer (the launchers pass ``.contiguous()`` tensors: fresh allocations, parameters,
+    or -- for T = 1 -- the ViT output without its CLS token, 3200 elements = 6400 bytes in), as the JIT specialises
+    them; ``eps`` is a float and C/SIDE are constexprs."""
     if triton is None:
         return []
     c, side = 3200, 32
@@ -223,6 +227,7 @@ def gate_specs() -> list[dict]:
             "constexprs": {"C": c, "SIDE": side, "VERSION": 2, "BLOCK_C": cfg["BLOCK_C"]},
             "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
             "hot_path": True, "tensor_cores": False, "shape": f"x [7, 1024, {c}] {dt} -> rows of {4 * c}",
+            "divisible_by_16": ["x_ptr", "w_ptr", "b_ptr", "out_ptr"],
         })
         cfg = _copy_config(c)
         specs.append({
@@ -233,6 +238,7 @@ def gate_specs() -> list[dict]:
             "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
             "hot_path": False,  # the projector calls the fused LayerNorm version
             "tensor_cores": False, "shape": f"x [7, 1024, {c}] {dt} -> rows of {4 * c}",
+            "divisible_by_16": ["x_ptr", "out_ptr"],
         })
     return specs
 
@@ -268,18 +274,11 @@ def pixel_shuffle_layernorm_ref(x, weight, bias, eps: float = 1e-5, version="v2"
 _IMPLEMENTED = ("cuda", "triton", "cpu", "ref")
 
 
-@torch.compiler.assume_constant_result
-def _select(op: str, device: torch.device) -> str:
-    """``dispatch.select`` for this module's ops. Under torch.compile the choice is made once, while tracing, and
-    baked into the graph (dynamo cannot trace the dispatcher queries inside), so ``fullgraph=True`` works."""
-    return dispatch.select(op, device, _IMPLEMENTED)
-
-
 def pixel_shuffle(x: torch.Tensor, *, version="v2") -> torch.Tensor:
     """Pixel shuffle ``x: [T, N, C] -> [T, N/4, 4C]`` (see module docstring)."""
     v = _version_number(version)
     _check_input(x)
-    backend = _select("pixel_shuffle", x.device)
+    backend = dispatch.select("pixel_shuffle", x.device, _IMPLEMENTED)
     if backend in ("cpu", "cuda"):
         return torch.ops.nvlm_kernels.pixel_shuffle(x.contiguous(), v)
     if backend == "triton":
@@ -293,7 +292,7 @@ def pixel_shuffle_layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     v = _version_number(version)
     _check_input(x)
     _check_ln_params(x, weight, bias)
-    backend = _select("pixel_shuffle_layernorm", x.device)
+    backend = dispatch.select("pixel_shuffle_layernorm", x.device, _IMPLEMENTED)
     if backend in ("cpu", "cuda"):
         return torch.ops.nvlm_kernels.pixel_shuffle_layernorm(x.contiguous(), weight.contiguous(),
                                                               bias.contiguous(), float(eps), v)

@@ -416,8 +416,15 @@ PREFILL_M = 2048
 def gate_specs(group_size: int = 128, dtype: str = "bf16") -> list[dict]:
     """One dict per (kernel, launch config) this package launches at the NVLM-D-72B decoder shapes, decode M = 1..8
     and prefill M = 2048, with bf16 activations: ``name, fn, signature, constexprs, num_warps, num_stages,
-    hot_path, tensor_cores, shape``; batched decode M = 16 and 64 too (the smaller GEMM tiles). Configs that coincide
-    (e.g. M = 5..8 share BLOCK_M = 8) are listed once, with every shape that uses them."""
+    hot_path, tensor_cores, shape, divisible_by_16``; batched decode M = 16 and 64 too (the smaller GEMM tiles).
+    Configs that coincide (e.g. M = 5..8 share BLOCK_M = 8) are listed once, with every shape that uses them.
+
+    ``divisible_by_16`` mirrors Triton's JIT specialisation at these launches: every pointer (``x.reshape(-1, K)
+    .contiguous()`` of a contiguous activation, fresh outputs, the packed weight/scale/zero buffers; the unused
+    bias argument is x itself), N and K (1024, 8192, 29568 are multiples of 16), K_PER_SPLIT (a multiple of
+    BLOCK_K), and M where M % 16 == 0 (M = 16, 64, 2048; M = 2..8 get no hint, so they are separate specs from any
+    M % 16 == 0 launch of the same config). M = 1 is passed as the constexpr 1, as the JIT does for an int equal to
+    1."""
     act = f"*{dtype}"
     specs: dict[tuple, dict] = {}
     for bits, gemv, gemm in ((8, _w8a16_gemv_kernel, _w8a16_gemm_kernel), (4, _w4a16_gemv_kernel,
@@ -444,14 +451,22 @@ def gate_specs(group_size: int = 128, dtype: str = "bf16") -> list[dict]:
                     fn, tc = gemm, True
                 if bits == 4:
                     const = {"GROUP": group_size, **const}
+                div = [a for a in sig if sig[a].startswith("*") or a in ("N", "K", "K_PER_SPLIT")]
+                if m == 1:  # the JIT passes an int equal to 1 as a constexpr
+                    sig = {a: t for a, t in sig.items() if a != "M"}
+                    const = {"M": 1, **const}
+                elif m % 16 == 0:
+                    div.append("M")
                 key = (fn.fn.__name__, tuple(sorted(sig.items())), tuple(sorted(const.items())), cfg["num_warps"],
-                       cfg["num_stages"])
+                       cfg["num_stages"], tuple(div))
                 shape = f"M={m} K={k} N={n}"
                 if key in specs:
                     specs[key]["shape"] += f", {shape}"
                     continue
                 tag = "_".join(f"{c}{v}" for c, v in const.items() if c.startswith(("BLOCK", "USE", "GROUP")))
+                tag += "_M1" if m == 1 else ("_M16x" if m % 16 == 0 else "")
                 specs[key] = dict(name=f"w{bits}a16_{kind}_{tag}_w{cfg['num_warps']}s{cfg['num_stages']}",
                                   fn=fn, signature=sig, constexprs=const, num_warps=cfg["num_warps"],
-                                  num_stages=cfg["num_stages"], hot_path=True, tensor_cores=tc, shape=shape)
+                                  num_stages=cfg["num_stages"], hot_path=True, tensor_cores=tc, shape=shape,
+                                  divisible_by_16=div)
     return list(specs.values())

@@ -62,8 +62,6 @@ norm) that ``triton.autotune`` chooses from on the first call per N (``_CONFIGS_
 every kernel + config the package can launch at the real shape, for the GPU gate.
 """
 
-import os
-
 import torch
 import torch.nn.functional as F
 
@@ -262,22 +260,24 @@ if triton is not None:
 # Launch configurations
 # ----------------------------------------------------------------------------------------------------------------
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, also_with_norm) candidates per compute capability major and head dim,
-# for 16-bit inputs. Pruned ahead of time (no GPU needed): ``python -m nvlm_kernels.tiled_attention`` compiles every
-# gate spec with triton.compile(..., GPUTarget("cuda", 90 | 80, 32)) and the 16-divisibility hints the JIT uses, then
-# runs ptxas -v (sm_90a / sm_80). Kept: no spills, shared memory within the SM limit (sm_90: 227 KiB, sm_80: 163 KiB),
-# both dots on tensor cores (wgmma / mma.sync). also_with_norm=False: that config spills only with the fused
-# QK-norm prologue (q' = q*rstd*wq*wk keeps extra fp32 values live), so the NORM variant does not try it.
-# Removed, with ptxas spill bytes (triton 3.8, bf16; fp16 the same):
-#   sm_90, D=80/96/128, (128, 64, 4 warps, 3): 196-204 B (one warpgroup holds the 128x128 fp32 accumulator);
-#     with norm 608-640 B.  (64, 128, 4, 3): 16-32 B.  D=128 (128, 128, 8, 2): no spill but redundant with stages=3.
-#   sm_90, D=64, (128, 128, 4, 3): 1288 B.
-#   sm_80, D=80/96/128: every 4-warp config spills: (128, 64, 4, 2|3) 780-1148 B, (128, 32, 4, 3) 232-268 B,
-#     (64, 64, 4, 2|3) 200-268 B, (64, 32, 4, 3) 48 B; (128, 128, 8, 2) 44-48 B; with norm (128, 64, 8, 2|3) 32-80 B,
-#     (64, 64, 8, 3) 384 B.
-#   sm_80, D=64: (128, 32, 4, 3) 4 B; with norm (128, 64, 4, 3) 48 B.
-# Result for the lists below (2026-11-22): all 126 gate specs (sm_90 + sm_80, bf16 + fp16, with and without norm,
-# plus the stats kernel) compile with 0 spill bytes; sm_90 uses 122-254 registers and 57-224 KiB shared memory,
-# and every attention spec issues the expected 2*(BLOCK_D + BLOCK_N)/16 wgmma per warpgroup (both dots).
+# for 16-bit inputs; also_with_norm=False: that config spills only with the fused QK-norm (q' = q*rstd*wq*wk keeps
+# extra fp32 values live), so the NORM variant does not try it. The GPU gate (``python -m nvlm_kernels.gpu_gate``,
+# or ``python -m nvlm_kernels.tiled_attention`` for this module alone) compiles every D=128 candidate for sm_90a and
+# sm_80 with the JIT's 16-divisibility hints and reads ptxas -v: kept = no spills, shared memory within the block
+# limit (sm_90: 227 KiB, sm_80: 163 KiB), both dots on wgmma (sm_90a) / mma.sync (sm_80).
+# D=128 (NVLM-D-72B), ptxas -v of triton 3.8, bf16, with hints (2026-11-22):
+#   sm_90a kept:  (128, 64, 8, 3|4) 178-182 regs, with norm 252; (128, 128, 8, 3) 254 regs, 224 KiB smem;
+#                 (64, 64, 4, 3) 178 regs.
+#   sm_90a removed: (128, 64, 4, 3) 204 B spill (one warpgroup holds the 128x128 fp32 accumulator), with norm
+#                 608 B + wgmma serialised; (64, 128, 4, 3) 32 B, with norm 176 B; (128, 128, 8, 2) no spill but
+#                 redundant with stages=3, with norm 128 B.  With norm only: (128, 128, 8, 3) 124 B, (64, 64, 4, 3) 8 B.
+#   sm_80 kept:   (128, 32, 8, 2|3) 254-255 regs (also with norm); (128, 64, 8, 2|3), (64, 64, 8, 3) 255 regs.
+#   sm_80 removed: every 4-warp config: (128, 64, 4, 2) 820 B, (64, 64, 4, 3) 240 B, (64, 32, 4, 2|3) 48 B (with norm
+#                 640-1000 B); (128, 128, 8, 2) 44 B.  With norm only: (128, 64, 8, 2|3) 32-80 B, (64, 64, 8, 3) 384 B.
+#   (Without the hints -- what the gate compiled before it passed them -- (128, 32|64, 8, *) and (64, 64, 8, 3)
+#   spilled 28-264 B on sm_80: the figures depend on them, so the gate must use them.)
+# D = 64/80/96 are not NVLM-D-72B shapes and are no longer gated (a cold gate took 10-20 min with them); their lists
+# were pruned the same way without hints on 2026-11-22 and the runtime still uses them for such head dims.
 _CONFIGS_16BIT = {
     9: {
         64: [(128, 64, 8, 3, True), (128, 128, 8, 3, True), (64, 64, 4, 3, True), (128, 64, 4, 3, False)],
@@ -473,15 +473,18 @@ _TRITON_PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "
 
 
 def gate_specs(capability: int | None = None) -> list[dict]:
-    """Every (kernel, candidate config, dtype, head dim) the package launches at the real shape T=7, H=25, N=1025.
+    """Every (kernel, candidate config, dtype) the package launches at NVLM-D-72B's InternViT shape: T=7 tiles,
+    H=25 heads, N=1025 tokens, D=128, with and without the fused QK-norm, bf16 (the model's dtype) and fp16 (the
+    triton backend serves fp16 CUDA tensors the same way). Keys as in ``nvlm_kernels.gpu_gate``.
 
     ``capability``: 90 (sm_90, default when no GPU is visible) or 80; default = the current CUDA device's.
-    Each dict: ``name``, ``fn`` (the @triton.jit function), ``signature`` (every non-constexpr parameter -> triton
-    type), ``constexprs``, ``num_warps``, ``num_stages``, ``hot_path`` (launched by NVLM-D-72B: D=128),
-    ``tensor_cores`` (QK^T and PV dots must lower to mma/wgmma), and ``divisible_by_16``: the parameters that are
-    multiples of 16 at the real shape (all pointers and strides; the JIT specialises them the same way). Compile
-    ahead of time with ``attrs={(index,): [["tt.divisibility", 16]]}`` for those: without the hint the loads are not
-    vectorised, no cp.async pipelining happens and the register/spill figures are not the ones the JIT produces.
+    D = 64/80/96 are not NVLM-D-72B shapes: their candidate lists are not gated (the interpreter tests cover the
+    maths); ``_CONFIGS_16BIT`` notes what an ahead-of-time compile found for them when they were.
+
+    ``divisible_by_16`` (the JIT's ``tt.divisibility=16`` specialisation at the real launch): every pointer -- the
+    q/k/v slices of the fused qkv projection start at multiples of H*D = 3200 elements, the output, rstd buffers and
+    norm weights are fresh allocations or parameters (a grid-chunked launch of > 2621 tiles would offset rstd by
+    t0*N*4 bytes, but T=7 is one chunk) -- and every stride (multiples of D=128). Not H=25, N=1025, qk_scale.
     """
     if capability is None:
         capability = 90
@@ -489,86 +492,44 @@ def gate_specs(capability: int | None = None) -> list[dict]:
             major, minor = torch.cuda.get_device_capability()
             capability = 10 * major + minor
     major = 9 if capability >= 90 else 8
+    d = 128
     specs = []
-    for d in _HEAD_DIMS:
-        block_d = triton.next_power_of_2(d)
-        for dtype, tname in ((torch.bfloat16, "bf16"), (torch.float16, "fp16")):
-            ptr = _TRITON_PTR[dtype]
-            attn_sig = {"Q": ptr, "K": ptr, "V": ptr, "Out": ptr, "RSTD_Q": "*fp32", "RSTD_K": "*fp32",
-                        "WQ": ptr, "WK": ptr}
-            for name in ("q", "k", "v", "o"):
-                for axis in ("t", "h", "n"):
-                    attn_sig[f"stride_{name}{axis}"] = "i32"
-            attn_sig.update({"H": "i32", "N": "i32", "qk_scale": "fp32"})
-            for norm in (False, True):
-                for bm, bn, warps, stages in _candidates(d, dtype, major, norm):
-                    specs.append(dict(
-                        name=f"tiled_attention{'_qknorm' if norm else ''}_d{d}_{tname}_m{bm}n{bn}w{warps}s{stages}",
-                        fn=_attn_fwd_kernel, signature=dict(attn_sig),
-                        constexprs=dict(HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, NORM=norm,
-                                        DOT_PRECISION="tf32"),
-                        num_warps=warps, num_stages=stages, hot_path=(d == 128), tensor_cores=True,
-                        divisible_by_16=[a for a in attn_sig if a not in ("H", "N", "qk_scale")]))
-            stats_sig = {"Q": ptr, "K": ptr, "RSTD_Q": "*fp32", "RSTD_K": "*fp32",
-                         "stride_qt": "i32", "stride_qh": "i32", "stride_qn": "i32",
-                         "stride_kt": "i32", "stride_kh": "i32", "stride_kn": "i32",
-                         "H": "i32", "N": "i32", "inv_width": "fp32", "eps": "fp32"}
-            specs.append(dict(
-                name=f"qk_rms_stats_d{d}_{tname}_t{_STATS_BLOCK_T}w{_STATS_WARPS}",
-                fn=_qk_rms_stats_kernel, signature=stats_sig,
-                constexprs=dict(HEAD_DIM=d, BLOCK_D=block_d, BLOCK_T=_STATS_BLOCK_T),
-                num_warps=_STATS_WARPS, num_stages=1, hot_path=(d == 128), tensor_cores=False,
-                divisible_by_16=[a for a in stats_sig if a not in ("H", "N", "inv_width", "eps")]))
+    for dtype, tname in ((torch.bfloat16, "bf16"), (torch.float16, "fp16")):
+        ptr = _TRITON_PTR[dtype]
+        attn_sig = {"Q": ptr, "K": ptr, "V": ptr, "Out": ptr, "RSTD_Q": "*fp32", "RSTD_K": "*fp32",
+                    "WQ": ptr, "WK": ptr}
+        for name in ("q", "k", "v", "o"):
+            for axis in ("t", "h", "n"):
+                attn_sig[f"stride_{name}{axis}"] = "i32"
+        attn_sig.update({"H": "i32", "N": "i32", "qk_scale": "fp32"})
+        for norm in (False, True):
+            for bm, bn, warps, stages in _candidates(d, dtype, major, norm):
+                specs.append(dict(
+                    name=f"tiled_attention{'_qknorm' if norm else ''}_d{d}_{tname}_m{bm}n{bn}w{warps}s{stages}",
+                    fn=_attn_fwd_kernel, signature=dict(attn_sig),
+                    constexprs=dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_M=bm, BLOCK_N=bn, NORM=norm, DOT_PRECISION="tf32"),
+                    num_warps=warps, num_stages=stages, hot_path=True, tensor_cores=True,
+                    shape=f"T=7 H=25 N=1025 D={d} {tname}{' +qk-norm' if norm else ''}",
+                    divisible_by_16=[a for a in attn_sig if a not in ("H", "N", "qk_scale")]))
+        stats_sig = {"Q": ptr, "K": ptr, "RSTD_Q": "*fp32", "RSTD_K": "*fp32",
+                     "stride_qt": "i32", "stride_qh": "i32", "stride_qn": "i32",
+                     "stride_kt": "i32", "stride_kh": "i32", "stride_kn": "i32",
+                     "H": "i32", "N": "i32", "inv_width": "fp32", "eps": "fp32"}
+        specs.append(dict(
+            name=f"qk_rms_stats_d{d}_{tname}_t{_STATS_BLOCK_T}w{_STATS_WARPS}",
+            fn=_qk_rms_stats_kernel, signature=stats_sig,
+            constexprs=dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_T=_STATS_BLOCK_T),
+            num_warps=_STATS_WARPS, num_stages=1, hot_path=True, tensor_cores=False,
+            shape=f"T=7 H=25 N=1025 D={d} {tname}",
+            divisible_by_16=[a for a in stats_sig if a not in ("H", "N", "inv_width", "eps")]))
     return specs
-
-
-def _aot_report(capability: int = 90):  # pragma: no cover - developer tool, needs ptxas
-    """Compile every gate spec for ``capability`` without a GPU; ptxas -v each; yield registers/spills/smem."""
-    import inspect
-    import re
-    import subprocess
-    import tempfile
-
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    arch = "sm_90a" if capability >= 90 else f"sm_{capability}"
-    for spec in gate_specs(capability):
-        sig = dict(spec["signature"])
-        sig.update({k: "constexpr" for k in spec["constexprs"]})
-        arg_names = list(inspect.signature(spec["fn"].fn).parameters)
-        attrs = {(arg_names.index(a),): [["tt.divisibility", 16]] for a in spec["divisible_by_16"]}
-        src = ASTSource(fn=spec["fn"], signature=sig, constexprs=spec["constexprs"], attrs=attrs)
-        kernel = triton.compile(src, target=GPUTarget("cuda", capability, 32),
-                                options=dict(num_warps=spec["num_warps"], num_stages=spec["num_stages"]))
-        ptx = kernel.asm["ptx"]
-        with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-            f.write(ptx)
-            f.flush()
-            res = subprocess.run([ptxas, f"-arch={arch}", "-v", f.name, "-o", os.devnull],
-                                 capture_output=True, text=True)
-        info = res.stderr
-        regs = re.search(r"Used (\d+) registers", info)
-        spill_st = re.search(r"(\d+) bytes spill stores", info)
-        spill_ld = re.search(r"(\d+) bytes spill loads", info)
-        # Both dots on tensor cores: on sm_90 each warpgroup issues BLOCK_D/16 wgmma for QK^T and BLOCK_N/16 for
-        # PV per K/V block, in two bodies (unmasked loop + masked tail); an FMA fallback of either dot shows here.
-        n_wgmma, n_mma = ptx.count("wgmma.mma_async"), ptx.count("mma.sync")
-        mma = "wgmma" if n_wgmma else ("mma.sync" if n_mma else "none")
-        c = spec["constexprs"]
-        want = 2 * (c["BLOCK_D"] + c["BLOCK_N"]) // 16 if "BLOCK_N" in c else 0
-        both_dots = (n_wgmma >= want) if mma == "wgmma" else (mma == "mma.sync")
-        yield dict(name=spec["name"], regs=int(regs.group(1)) if regs else None,
-                   spill_stores=int(spill_st.group(1)) if spill_st else None,
-                   spill_loads=int(spill_ld.group(1)) if spill_ld else None,
-                   shared=kernel.metadata.shared, mma=mma, n_mma=n_wgmma or n_mma, both_dots_mma=both_dots,
-                   tensor_cores=spec["tensor_cores"], ptxas_rc=res.returncode)
 
 
 if __name__ == "__main__":  # pragma: no cover
     import sys
 
-    for cap in (int(c) for c in (sys.argv[1:] or ["90", "80"])):
-        for row in _aot_report(cap):
-            print(cap, row, flush=True)
+    from nvlm_kernels import gpu_gate
+
+    # The GPU gate on this module's specs only (both arches): registers, spills, shared memory, wgmma/mma.
+    sys.exit(gpu_gate.main(["--module", "nvlm_kernels.tiled_attention", "--no-cuda", "--seed", "",
+                            *sys.argv[1:]]))

@@ -72,7 +72,8 @@ def test_make_row_arithmetic(monkeypatch):
                  baselines={"eager": Timing(6.0, 5.0, 7.0), "slow": Timing(1.0, 1.0, 1.0)}, note="n")
     assert (r.shape, r.dtype, r.median_ms, r.p20_ms, r.p80_ms) == ("4x8", "bf16", 2.0, 1.5, 2.5)
     assert math.isclose(r.gbps, 10.0) and math.isclose(r.tflops, 0.5)
-    assert math.isclose(r.pct_of_limit, 50.0) and r.limit_name == "dram_read_gbps"
+    assert math.isclose(r.pct_of_limit, 50.0) and r.limit_name == "dram_read_gbps" and r.limit_value == 20.0
+    assert r.device == "cpu"
     assert r.speedup == {"eager": 3.0, "slow": 0.5}
     r2 = make_row("mm", "1x8192x29568", "int4", "cpu", t, flops=1e9, limit="matmul_tflops")
     assert math.isclose(r2.pct_of_limit, 100.0) and r2.gbps is None
@@ -80,6 +81,31 @@ def test_make_row_arithmetic(monkeypatch):
         make_row("x", "1", "fp32", "cpu", t, bytes_moved=1, limit="bogus")
     with pytest.raises(ValueError, match="bytes_moved"):
         make_row("x", "1", "fp32", "cpu", t, flops=1, limit="copy_gbps")
+
+
+def test_remeasure_limits_keeps_the_best_measurement(monkeypatch):
+    # a stored DRAM figure no machine reaches is kept; a stored copy figure no machine falls to is replaced
+    monkeypatch.setitem(harness._LIMITS_CACHE, "cpu", {"dram_read_gbps": 1e12, "copy_gbps": 1e-9,
+                                                       "matmul_tflops": 1e12})
+    changed = harness.remeasure_limits("cpu")
+    assert set(changed) == {"copy_gbps"} and changed["copy_gbps"][0] == 1e-9 < changed["copy_gbps"][1]
+    now = harness.machine_limits("cpu")
+    assert now["dram_read_gbps"] == 1e12 and now["matmul_tflops"] == 1e12 and now["copy_gbps"] > 1e-9
+
+
+def test_rescale_to_best_limits():
+    t = Timing(1.0, 1.0, 1.0)
+    r1 = Row("a", "1", "fp32", "x", 1.0, 1.0, 1.0, gbps=10.0, pct_of_limit=50.0, limit_name="copy_gbps",
+             limit_value=20.0, device="cpu")
+    r2 = Row("a", "1", "fp32", "y", 1.0, 1.0, 1.0, gbps=10.0, pct_of_limit=25.0, limit_name="copy_gbps",
+             limit_value=40.0, device="cpu")                    # measured in a subprocess at a quieter moment
+    r3 = Row("b", "1", "fp32", "z", t.median_ms, 1.0, 1.0, gbps=1000.0, pct_of_limit=50.0, limit_name="copy_gbps",
+             limit_value=2000.0, device="cuda:0")               # another device: not in limits, untouched
+    limits = {"cpu": {"copy_gbps": 30.0}}
+    harness.rescale_to_best_limits([r1, r2, r3], limits)
+    assert limits["cpu"]["copy_gbps"] == 40.0
+    assert (r1.pct_of_limit, r1.limit_value) == (25.0, 40.0) and (r2.pct_of_limit, r2.limit_value) == (25.0, 40.0)
+    assert (r3.pct_of_limit, r3.limit_value) == (50.0, 2000.0)
 
 
 def test_machine_info_has_the_fields_reports_need():

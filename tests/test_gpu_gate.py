@@ -6,7 +6,9 @@ the interpreter (tests/conftest.py sets TRITON_INTERPRET=1), whose @triton.jit f
 
 * ``test_gate_flags_bad_kernels`` proves each check can fail, on kernels defined in this file (``gate_specs`` below):
   a 128x256x64 bf16 tile with 4 warps that spills on sm_90a, a kernel that claims tensor cores but has no tl.dot,
-  a kernel that does not compile, a spec with a wrong signature, and a jit function no spec covers.
+  a 64-row tile that requires mma.sync but gets wgmma, a kernel that does not compile, a spec with a wrong
+  signature or a bad ``divisible_by_16``, and a jit function no spec covers; and that the divisibility hints reach
+  the compiler (16-byte loads with them, none without) and a 16-row tile passes as ``tensor_cores="mma"``.
 * ``test_cuda_gate_flags_spills`` does the same for the CUDA C++ path with a kernel capped at 32 registers.
 * ``test_package_kernels_pass_the_gate`` gates the package itself, prints the table and writes it to
   bench/results/gpu_gate.md (+ .json).
@@ -17,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 
 import pytest
 import triton
@@ -78,9 +81,21 @@ def gate_specs() -> list[dict]:
         # 128x256 fp32 accumulator over 128 threads = 256 values per thread > 255 registers -> spills (build_notes)
         dict(name="mm_spills", fn=_gate_mm_kernel, signature=_MM_SIG, constexprs=dict(BM=128, BN=256, BK=64),
              num_warps=4, tensor_cores=True, **common),
+        # 16-row tile (a decode tile): below wgmma's M = 64, so mma.sync on sm_90a too -> passes as "mma"
+        dict(name="mm_m16_mma", fn=_gate_mm_kernel, signature=_MM_SIG, constexprs=dict(BM=16, BN=64, BK=64),
+             num_warps=4, tensor_cores="mma", divisible_by_16=list(_MM_SIG), **common),
+        # 64-row tile requiring mma.sync: Triton emits wgmma on sm_90a instead -> flagged
+        dict(name="mm_ok_claims_mma", fn=_gate_mm_kernel, signature=_MM_SIG, constexprs=dict(BM=64, BN=128, BK=64),
+             num_warps=4, tensor_cores="mma", **common),
         # elementwise, but claims to be a matmul -> no wgmma
         dict(name="scale_claims_tc", fn=_gate_scale_kernel, signature=_SCALE_SIG, constexprs=dict(BLOCK=1024),
              num_warps=4, tensor_cores=True, **common),
+        # the same kernel with the JIT's divisibility hints: 16-byte vector loads (none without them, above)
+        dict(name="scale_hinted", fn=_gate_scale_kernel, signature=_SCALE_SIG, constexprs=dict(BLOCK=1024),
+             num_warps=4, tensor_cores=False, divisible_by_16=["x_ptr", "y_ptr", "n"], **common),
+        # a hint on a constexpr (it is not an argument at run time) -> rejected before compiling
+        dict(name="scale_bad_hint", fn=_gate_scale_kernel, signature=_SCALE_SIG, constexprs=dict(BLOCK=1024),
+             num_warps=4, tensor_cores=False, divisible_by_16=["x_ptr", "BLOCK"], **common),
         # tl.arange needs a power-of-two length -> compile error
         dict(name="scale_bad_block", fn=_gate_scale_kernel, signature=_SCALE_SIG, constexprs=dict(BLOCK=1000),
              num_warps=4, tensor_cores=False, **common),
@@ -151,6 +166,42 @@ def test_judge_flags_each_problem():
     assert cold.problems == []                     # spills off the hot path are reported, not failed
 
 
+def test_divisibility_attrs_match_the_jit():
+    spec = dict(name="s", signature=_MM_SIG, constexprs=dict(BM=64, BN=128, BK=64), divisible_by_16=["N", "a", "c"])
+    attrs = gpu_gate.divisibility_attrs(_gate_mm_kernel, spec)
+    # what triton's JIT builds for an argument it specialised as "D" (16-aligned pointer / int multiple of 16),
+    # keyed by the parameter's index among all parameters
+    from triton.backends.compiler import BaseBackend
+
+    assert attrs == {(0,): BaseBackend.parse_attr("D"), (2,): BaseBackend.parse_attr("D"),
+                     (4,): BaseBackend.parse_attr("D")} == {(i,): [["tt.divisibility", 16]] for i in (0, 2, 4)}
+    assert gpu_gate.divisibility_attrs(_gate_mm_kernel, dict(spec, divisible_by_16=[])) == {}
+    for bad, msg in ((["BM"], "not in its signature"), (["nope"], "not in its signature"), ("a", "list")):
+        with pytest.raises(ValueError, match=msg):
+            gpu_gate.divisibility_attrs(_gate_mm_kernel, dict(spec, divisible_by_16=bad))
+    fsig = dict(_SCALE_SIG, n="fp32")
+    with pytest.raises(ValueError, match="neither pointers nor integers"):
+        gpu_gate.divisibility_attrs(_gate_scale_kernel, dict(name="f", signature=fsig, divisible_by_16=["n"]))
+
+
+def test_tensor_core_modes():
+    h100, a100 = gpu_gate.ARCHS["90a"], gpu_gate.ARCHS["80"]
+    assert gpu_gate.tensor_core_instr(h100, True)[0] == "wgmma"
+    assert gpu_gate.tensor_core_instr(h100, "mma")[0] == "mma" == gpu_gate.tensor_core_instr(a100, True)[0]
+    # judge: an "mma" kernel is measured on mma.sync; without it (tc_ptx = 0) it fails on either arch
+    for arch in (h100, a100):
+        r = gpu_gate.KernelReport("triton", "m", "k", arch.name, tensor_cores="mma", num_warps=4, compiled=True,
+                                  registers=100, spill_stores=0, spill_loads=0, tc_ptx=0, tc_sass=0)
+        gpu_gate.judge(r, arch)
+        assert r.problems == [f"tensor_cores kernel emits no mma on {arch.sm}"]
+    # a spec with an unknown mode is rejected
+    mod = types.SimpleNamespace(__name__="fake", gate_specs=lambda: [
+        dict(name="k", fn=None, signature={}, constexprs={}, num_warps=4, num_stages=1, hot_path=True,
+             tensor_cores="wgmma")])
+    with pytest.raises(ValueError, match="'tensor_cores' must be one of"):
+        gpu_gate.module_specs(mod, h100)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The gate end to end
 # ----------------------------------------------------------------------------------------------------------------
@@ -183,6 +234,17 @@ def test_gate_flags_bad_kernels(tmp_path):
 
     assert reps["scale_claims_tc"]["compiled"]
     assert reps["scale_claims_tc"]["problems"] == ["tensor_cores kernel emits no wgmma on sm_90a"]
+    # "mma": a 16-row tile gets mma.sync (also in the SASS: HMMA) and passes; a 64-row one gets wgmma and fails
+    m16 = reps["mm_m16_mma"]
+    assert m16["problems"] == [] and m16["tc_ptx"] > 0 and m16["tc_sass"] > 0, m16
+    assert reps["mm_ok_claims_mma"]["compiled"] and good["tc_ptx"] > 0
+    assert reps["mm_ok_claims_mma"]["problems"] == ["tensor_cores kernel emits no mma on sm_90a"]
+    # the hints reach the compiler: vectorised loads with them (mm_m16_mma: 16-byte cp.async), none without
+    assert reps["scale_claims_tc"]["vector_loads"] == 0 and reps["scale_hinted"]["vector_loads"] > 0
+    assert good["vector_loads"] == 0 and m16["vector_loads"] > 0
+    assert reps["scale_hinted"]["problems"] == []
+    assert not reps["scale_bad_hint"]["compiled"]
+    assert "'divisible_by_16' names ['BLOCK']" in reps["scale_bad_hint"]["problems"][0]
     assert not reps["scale_bad_block"]["compiled"]
     assert reps["scale_bad_block"]["problems"][0].startswith("does not compile")
     assert not reps["scale_bad_signature"]["compiled"]

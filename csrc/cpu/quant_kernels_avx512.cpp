@@ -264,7 +264,8 @@ NVLM_AVX512BF16 void gemv_avx512bf16(const QWeight& w, const uint16_t* xparts, i
   const int64_t nchunks = (K + kChunk - 1) / kChunk;  // kpad is the row stride (>= K rounded up to kChunk)
   const int last_mb = static_cast<int>(M - (nblocks - 1) * kMaxMB);
   const int full_mb = nblocks > 1 ? kMaxMB : last_mb;
-  // k-block: as many chunks as keep one x block (mb rows x parts x 2 bytes) within 16 KiB.
+  // k-block: as many chunks as keep one x block (mb rows x parts x 2 bytes) within 16 KiB. (Smaller k-blocks for
+  // M = 1 split each weight row into pieces and defeat the sequential stream + prefetch: measured 1.7x slower.)
   const int64_t kb_chunks = std::max<int64_t>(1, (16 << 10) / (int64_t(full_mb) * parts * 2 * kChunk));
   Int4Fn f4_full = nullptr, f4_last = nullptr;
   Int8Fn f8_full = nullptr, f8_last = nullptr;
@@ -280,7 +281,10 @@ NVLM_AVX512BF16 void gemv_avx512bf16(const QWeight& w, const uint16_t* xparts, i
   {
     std::vector<float> srow(kTileN * ngroups);
     alignas(64) float acc[kTileN][kMaxMB * 16];
-#pragma omp for schedule(static)
+    // Dynamic: on a shared machine one thread is often descheduled for a time slice; with a static split the call
+    // then waits for it (measured: M=16 took 2x its single-thread CPU time with 2 threads). Tiles are 16 rows
+    // (64 KiB of int4 at K=8192), so handing them out costs nothing measurable.
+#pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < ntiles; ++t) {
       const int64_t n0 = t * kTileN, nt = std::min(kTileN, N - n0);
       scales_to_f32(w.scales, w.stype, n0 * ngroups, nt * ngroups, srow.data());  // the tile's rows: contiguous

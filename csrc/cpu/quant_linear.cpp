@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/quant_checks.h"
 #include "common/cpu_features.h"
 #include "common/quant_layout.h"
 #include "cpu/quant_kernels.h"
@@ -44,24 +45,6 @@ ScaleType scale_type(const at::Tensor& s) {
     case at::kHalf: return ScaleType::kF16;
     case at::kBFloat16: return ScaleType::kBF16;
     default: return ScaleType::kF32;
-  }
-}
-
-// Common argument checks; returns K (the reduction length).
-void check_common(const char* op, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                  const std::optional<at::Tensor>& bias, int64_t n, int64_t k) {
-  NVLM_CHECK_FLOAT(x, "x");
-  NVLM_CHECK_ARG(x.dim() >= 1 && x.size(-1) == k, "x", op, ": last dimension must be K=", k, " (from qweight ",
-                 qweight.sizes(), "), got shape ", x.sizes());
-  NVLM_CHECK_SAME_DEVICE(x, "x", qweight, "qweight");
-  NVLM_CHECK_SAME_DEVICE(x, "x", scales, "scale(s)");
-  NVLM_CHECK_FLOAT(scales, "scale(s)");
-  NVLM_CHECK_CONTIGUOUS(qweight, "qweight");
-  NVLM_CHECK_CONTIGUOUS(scales, "scale(s)");
-  if (bias.has_value()) {
-    NVLM_CHECK_SAME_DEVICE(x, "x", *bias, "bias");
-    NVLM_CHECK_FLOAT(*bias, "bias");
-    NVLM_CHECK_ARG(bias->dim() == 1 && bias->size(0) == n, "bias", "must have shape [", n, "], got ", bias->sizes());
   }
 }
 
@@ -175,7 +158,7 @@ at::Tensor w8a16_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
   NVLM_CHECK_ARG(qweight.scalar_type() == at::kChar, "qweight", "must be int8, got ", qweight.scalar_type());
   NVLM_CHECK_DIM(qweight, "qweight", 2);
   const int64_t n = qweight.size(0), k = qweight.size(1);
-  check_common("w8a16_linear", x, qweight, scale, bias, n, k);
+  nvlm::check_quant_linear_common("w8a16_linear", x, qweight, scale, bias, n, k);
   NVLM_CHECK_ARG(scale.dim() == 1 && scale.size(0) == n, "scale", "must have shape [", n, "], got ", scale.sizes());
   const QWeight w{8, qweight.data_ptr(), scale.data_ptr(), scale_type(scale), nullptr, n, k, 0};
   return run(x, w, bias);
@@ -189,7 +172,7 @@ at::Tensor w4a16_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
   const int64_t n = qweight.size(0), k = 2 * qweight.size(1);
   NVLM_CHECK_ARG(nvlm::quant::valid_group_size(group_size), "group_size", "must be 32, 64 or 128, got ", group_size);
   NVLM_CHECK_ARG(k % group_size == 0, "group_size", "K=", k, " is not a multiple of group_size=", group_size);
-  check_common("w4a16_linear", x, qweight, scales, bias, n, k);
+  nvlm::check_quant_linear_common("w4a16_linear", x, qweight, scales, bias, n, k);
   const int64_t g = k / group_size;
   NVLM_CHECK_ARG(scales.dim() == 2 && scales.size(0) == n && scales.size(1) == g, "scales", "must have shape [", n,
                  ", ", g, "], got ", scales.sizes());

@@ -20,6 +20,7 @@
 #include <torch/library.h>
 
 #include "common/checks.h"
+#include "common/quant_checks.h"
 #include "common/quant_layout.h"
 
 namespace {
@@ -252,22 +253,6 @@ void with_mt(int64_t m, F&& f) {
   else f(std::integral_constant<int, 8>{});
 }
 
-void check_common(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                  const std::optional<at::Tensor>& bias, int64_t n, int64_t k) {
-  NVLM_CHECK_FLOAT(x, "x");
-  NVLM_CHECK_ARG(x.dim() >= 1 && x.size(-1) == k, "x", "last dimension must be K=", k, ", got shape ", x.sizes());
-  NVLM_CHECK_SAME_DEVICE(x, "x", qweight, "qweight");
-  NVLM_CHECK_SAME_DEVICE(x, "x", scales, "scale(s)");
-  NVLM_CHECK_FLOAT(scales, "scale(s)");
-  NVLM_CHECK_CONTIGUOUS(qweight, "qweight");
-  NVLM_CHECK_CONTIGUOUS(scales, "scale(s)");
-  if (bias.has_value()) {
-    NVLM_CHECK_SAME_DEVICE(x, "x", *bias, "bias");
-    NVLM_CHECK_FLOAT(*bias, "bias");
-    NVLM_CHECK_ARG(bias->dim() == 1 && bias->size(0) == n, "bias", "must have shape [", n, "], got ", bias->sizes());
-  }
-}
-
 std::vector<int64_t> out_shape(const at::Tensor& x, int64_t n) {
   std::vector<int64_t> s(x.sizes().begin(), x.sizes().end());
   s.back() = n;
@@ -292,7 +277,7 @@ at::Tensor w4a16_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, con
   const int64_t n = qweight.size(0), k = 2 * qweight.size(1);
   NVLM_CHECK_ARG(q::valid_group_size(group_size), "group_size", "must be 32, 64 or 128, got ", group_size);
   NVLM_CHECK_ARG(k % group_size == 0, "group_size", "K=", k, " is not a multiple of group_size=", group_size);
-  check_common(x, qweight, scales, bias, n, k);
+  nvlm::check_quant_linear_common("w4a16_linear", x, qweight, scales, bias, n, k);
   const int64_t g = k / group_size;
   NVLM_CHECK_ARG(scales.dim() == 2 && scales.size(0) == n && scales.size(1) == g, "scales", "must have shape [", n,
                  ", ", g, "], got ", scales.sizes());
@@ -340,7 +325,7 @@ at::Tensor w8a16_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, con
   NVLM_CHECK_ARG(qweight.scalar_type() == at::kChar, "qweight", "must be int8, got ", qweight.scalar_type());
   NVLM_CHECK_DIM(qweight, "qweight", 2);
   const int64_t n = qweight.size(0), k = qweight.size(1);
-  check_common(x, qweight, scale, bias, n, k);
+  nvlm::check_quant_linear_common("w8a16_linear", x, qweight, scale, bias, n, k);
   NVLM_CHECK_ARG(scale.dim() == 1 && scale.size(0) == n, "scale", "must have shape [", n, "], got ", scale.sizes());
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t m = k > 0 ? x.numel() / k : 0;

@@ -396,7 +396,10 @@ for s in gate_specs():
                keys=sorted(s), types=sorted(set(s["signature"].values())))
     if compile_:
         sig = dict(s["signature"], **{k: "constexpr" for k in s["constexprs"]})
-        k = triton.compile(triton.compiler.ASTSource(fn=s["fn"], signature=sig, constexprs=s["constexprs"]),
+        # the JIT's 16-divisibility specialisation at the real launch (see nvlm_kernels.gpu_gate)
+        attrs = {(params.index(p),): [["tt.divisibility", 16]] for p in s.get("divisible_by_16", [])}
+        k = triton.compile(triton.compiler.ASTSource(fn=s["fn"], signature=sig, constexprs=s["constexprs"],
+                                                     attrs=attrs),
                            target=GPUTarget("cuda", 90, 32),
                            options=dict(num_warps=s["num_warps"], num_stages=s["num_stages"]))
         with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:

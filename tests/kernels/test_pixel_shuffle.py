@@ -388,9 +388,10 @@ ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bi
 res = []
 for s in gate_specs():
     sig = dict(s["signature"], **{k: "constexpr" for k in s["constexprs"]})
-    # torch allocations are 16-byte aligned: the JIT specialises the pointers so; give the AOT compile the same
-    attrs = {(s["fn"].arg_names.index(p),): [["tt.divisibility", 16]] for p, t in s["signature"].items()
-             if t.startswith("*")}
+    # torch allocations are 16-byte aligned: the JIT specialises the pointers so; the spec's divisible_by_16 says
+    # which parameters (the GPU gate compiles with the same attrs)
+    assert sorted(s["divisible_by_16"]) == sorted(p for p, t in s["signature"].items() if t.startswith("*"))
+    attrs = {(s["fn"].arg_names.index(p),): [["tt.divisibility", 16]] for p in s["divisible_by_16"]}
     k = triton.compile(triton.compiler.ASTSource(fn=s["fn"], signature=sig, constexprs=s["constexprs"], attrs=attrs),
                        target=GPUTarget("cuda", 90, 32),
                        options=dict(num_warps=s["num_warps"], num_stages=s["num_stages"]))

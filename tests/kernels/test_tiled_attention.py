@@ -209,8 +209,9 @@ def test_opcheck(norm):
     torch.library.opcheck(torch.ops.nvlm_kernels.tiled_attention_triton.default, (q, k, v, 0.125, w, w, 1e-6))
 
 
-def test_gate_specs_cover_kernel_parameters():
-    specs = ta_mod.gate_specs(90)
+@pytest.mark.parametrize("capability", [80, 90])
+def test_gate_specs_cover_kernel_parameters(capability):
+    specs = ta_mod.gate_specs(capability)
     assert len({s["name"] for s in specs}) == len(specs)
     for s in specs:
         params = inspect.signature(s["fn"].fn).parameters
@@ -218,12 +219,19 @@ def test_gate_specs_cover_kernel_parameters():
         assert not set(s["signature"]) & set(s["constexprs"]), s["name"]
         assert set(s["divisible_by_16"]) <= set(s["signature"]), s["name"]
         assert {a for a in s["signature"] if a.startswith("stride")} <= set(s["divisible_by_16"]), s["name"]
+        assert not {"H", "N"} & set(s["divisible_by_16"]), s["name"]      # 25 heads, 1025 tokens
         assert s["num_warps"] in (4, 8) and s["num_stages"] >= 1
-    hot = [s for s in specs if s["hot_path"] and s["tensor_cores"]]
-    assert {s["constexprs"]["HEAD_DIM"] for s in hot} == {128}
-    assert {s["signature"]["Q"] for s in hot} == {"*bf16", "*fp16"}
-    assert {s["constexprs"]["HEAD_DIM"] for s in specs} == {64, 80, 96, 128}
-    assert {s["constexprs"]["BLOCK_D"] for s in specs if s["constexprs"]["HEAD_DIM"] in (80, 96)} == {128}
+        assert s["hot_path"] and s["constexprs"]["HEAD_DIM"] == 128      # only NVLM-D-72B's head dim is gated
+    attn = [s for s in specs if s["fn"] is ta_mod._attn_fwd_kernel]
+    assert all(s["tensor_cores"] is True for s in attn)
+    # every (dtype, norm) the package launches has at least one config, and the gate covers exactly the
+    # candidates the runtime autotuner may pick
+    major = 9 if capability >= 90 else 8
+    for dtype, ptr in ((torch.bfloat16, "*bf16"), (torch.float16, "*fp16")):
+        for norm in (False, True):
+            gated = sorted((s["constexprs"]["BLOCK_M"], s["constexprs"]["BLOCK_N"], s["num_warps"], s["num_stages"])
+                           for s in attn if s["signature"]["Q"] == ptr and s["constexprs"]["NORM"] == norm)
+            assert gated and gated == sorted(ta_mod._candidates(128, dtype, major, norm)), (dtype, norm)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")

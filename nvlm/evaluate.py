@@ -1,0 +1,120 @@
+"""``nvlm eval --model PATH [--quant bf16|int8|int4|bnb-nf4]``: accuracy of a checkpoint on the held-out sets.
+
+Accuracy is exact match of the greedy answer: one teacher-forced forward pass per batch, and a sample counts as
+right iff the argmax at every answer position (answer tokens and the closing ``<|im_end|>``) is the reference
+token. That is exactly "greedy decoding returns the reference answer and stops", computed without a decode loop.
+
+Held-out sets: ``nvlm.tasks.eval_set("tiles", n)`` (image questions) and ``eval_set("text", n)`` (text-only).
+With ``--quant`` other than bf16 the logits SQNR against the bf16 model on the first ``--sqnr-samples`` image
+samples is printed too (all non-pad positions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+
+import torch
+
+from nvlm import tasks
+from nvlm.train import IGNORE, collate
+
+
+@torch.inference_mode()
+def _logits(model, processor, samples):
+    ids, labels, pixel_values = collate(processor, samples)
+    if pixel_values is not None:
+        pixel_values = pixel_values.to(model.vision_model.embeddings.patch_embedding.weight.dtype)
+    return model(ids, pixel_values).logits.float(), ids, labels
+
+
+def score(model, processor, samples: list[tasks.Sample], batch_size: int = 16) -> dict:
+    """``{"accuracy", "n", "by_kind": {kind: accuracy}}`` of greedy exact match (module docstring)."""
+    right, by_kind = [], defaultdict(list)
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i:i + batch_size]
+        logits, ids, labels = _logits(model, processor, chunk)
+        pred = logits[:, :-1].argmax(-1)                     # [B, L-1]: prediction for position t+1
+        target = labels[:, 1:]
+        mask = target != IGNORE
+        ok = ((pred == target) | ~mask).all(dim=1)
+        for s, good in zip(chunk, ok.tolist()):
+            right.append(good)
+            by_kind[s.kind].append(good)
+    return {"accuracy": sum(right) / len(right), "n": len(right),
+            "by_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())}}
+
+
+def logits_sqnr(reference, model, processor, samples: list[tasks.Sample], batch_size: int = 16) -> float:
+    """SQNR (dB) of ``model``'s logits against ``reference``'s on the non-pad positions of ``samples``."""
+    from nvlm.quant import sqnr_db
+
+    refs, outs = [], []
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i:i + batch_size]
+        ref, ids, _ = _logits(reference, processor, chunk)
+        out, _, _ = _logits(model, processor, chunk)
+        keep = ids != processor.pad_token_id
+        refs.append(ref[keep])
+        outs.append(out[keep])
+    return sqnr_db(torch.cat(refs), torch.cat(outs))
+
+
+def load(path, quant: str | None):
+    from nvlm.model import NVLM
+
+    quantization = None if quant in (None, "bf16", "none") else quant
+    model = NVLM.from_pretrained(path, quantization=quantization, progress=False)
+    if model.processor is None:
+        raise ValueError(f"nvlm eval: {str(path)!r} has no tokenizer.json; the model needs its tokenizer")
+    return model.eval()
+
+
+def evaluate(path, quant: str = "bf16", n_tiles: int = 400, n_text: int = 200, sqnr_samples: int = 64) -> dict:
+    model = load(path, quant)
+    processor = model.processor
+    tiles = tasks.eval_set("tiles", n_tiles)
+    result = {"model": str(path), "quant": quant,
+              "tiles": score(model, processor, tiles),
+              "text": score(model, processor, tasks.eval_set("text", n_text))}
+    if quant not in ("bf16", "none", None) and sqnr_samples:
+        result["logits_sqnr_db_vs_bf16"] = logits_sqnr(load(path, None), model, processor, tiles[:sqnr_samples])
+    return result
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``python -m nvlm.evaluate`` (``nvlm eval`` declares the same ones in nvlm/cli.py)."""
+    p.add_argument("--model", default=None, help="checkpoint folder (default: the shipped small model)")
+    p.add_argument("--quant", default="bf16", choices=["bf16", "int8", "int4", "bnb-nf4"])
+    p.add_argument("--n", type=int, default=400, help="held-out image samples")
+    p.add_argument("--n-text", type=int, default=200, help="held-out text-only samples")
+    p.add_argument("--sqnr-samples", type=int, default=64, help="image samples for the logits SQNR (0: skip)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def run(args) -> int:
+    from nvlm.train import DEFAULT_OUT
+
+    r = evaluate(args.model or DEFAULT_OUT, args.quant, args.n, args.n_text, args.sqnr_samples)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    print(f"model {r['model']}  quant {r['quant']}")
+    for task in ("tiles", "text"):
+        s = r[task]
+        kinds = "  ".join(f"{k} {v:.3f}" for k, v in s["by_kind"].items())
+        print(f"  {task:<6} accuracy {s['accuracy'] * 100:6.2f}%  (n={s['n']})  {kinds}")
+    if "logits_sqnr_db_vs_bf16" in r:
+        print(f"  logits SQNR vs bf16: {r['logits_sqnr_db_vs_bf16']:.1f} dB")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="nvlm eval", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

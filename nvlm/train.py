@@ -1,0 +1,357 @@
+"""``nvlm train`` / ``python -m nvlm.train``: the NVLM-D recipe in miniature, on 2 CPU cores, reproducibly.
+
+There are no pretrained towers here, so the recipe gets a stage 0 (all data from ``nvlm.tasks``, made on the fly):
+
+    0a  vision pre-training: the ViT (``small-d``) + two linear heads (discarded) predict each patch's colour and
+        shape class on the tiles the processor cuts (regular tiles and thumbnail).
+    0b  text pre-training: the Qwen2 decoder alone on text-only ChatML samples (arithmetic, counting words).
+    1   projector: only ``mlp1`` trains; vision tower and decoder frozen (paper: stage-1 pre-training).
+    2   SFT: ``mlp1`` + decoder train, the vision tower stays frozen; a share of text-only samples is mixed in so
+        text skills do not regress (paper: text-only SFT data in the blend).
+
+Stages 1-2 use ChatML prompts from ``NVLMProcessor`` (the exact inputs ``chat``/``demo`` build) and the loss is
+on the answer tokens and the closing ``<|im_end|>`` only. Training runs in fp32 with the pure-PyTorch reference
+kernels (``force_backend("ref")``: differentiable); the checkpoint is saved in bf16 in the published NVLM-D layout
+with its tokenizer. Seeded: model init from ``torch.manual_seed(seed)``, each stage's data from its own
+``random.Random(f"{stage}-{seed}")``; the held-out set (``nvlm.tasks.EVAL_SEED``) is never drawn from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nvlm import tasks
+from nvlm.config import NVLMConfig
+
+DEFAULT_OUT = Path(__file__).parent / "assets" / "nvlm-d-small"
+DEFAULT_STEPS = {"0a": 500, "0b": 500, "1": 150, "2": 900}
+BATCH = {"0a": 4, "0b": 32, "1": 16, "2": 16}          # images per step (0a), samples per step (others)
+LR = {"0a": 2e-3, "0b": 2e-3, "1": 2e-3, "2": 1e-3}
+TEXT_MIX = 0.25                                         # share of text-only samples in stage 2
+IGNORE = -100
+
+
+def _log(msg: str) -> None:
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"[{time.strftime('%H:%M:%S')} load {load:4.1f}] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model, tokenizer, processor
+# ----------------------------------------------------------------------------------------------------------------
+def build(seed: int = 0, preset: str = "small-d"):
+    """A freshly initialised fp32 ``NVLM`` with its processor (tokenizer: ``nvlm.tokenizer.build_tokenizer``)."""
+    from nvlm.model import NVLM
+    from nvlm.processor import NVLMProcessor
+    from nvlm.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    config = NVLMConfig.preset(preset)
+    config.llm.vocab_size = max(config.llm.vocab_size, -(-tok.get_vocab_size() // 64) * 64)
+    config.llm.bos_token_id = tok.token_to_id("<|endoftext|>")
+    config.llm.eos_token_id = tok.token_to_id("<|im_end|>")
+    config.img_context_token_id = tok.token_to_id("<|vision_pad|>")
+    torch.manual_seed(seed)
+    model = NVLM(config)
+    init_weights(model)
+    processor = NVLMProcessor(tok, image_size=config.image_size, patch_size=config.vision.patch_size,
+                              max_dynamic_patch=config.max_dynamic_patch, use_thumbnail=config.use_thumbnail,
+                              max_context=config.llm.max_position_embeddings)
+    model.processor = processor
+    return model, processor
+
+
+def init_weights(model: nn.Module) -> None:
+    """GPT-2 style: N(0, 0.02) matrices and embeddings, zero biases, unit norms; ViT position table N(0, 0.02)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if p.dim() >= 2 or leaf in ("class_embedding", "position_embedding"):
+                nn.init.normal_(p, std=0.02)
+            elif leaf == "bias":
+                p.zero_()
+            elif leaf in ("ls1", "ls2"):
+                p.fill_(1.0)
+            else:
+                p.fill_(1.0)          # RMSNorm / LayerNorm weights
+
+
+def without_tile_tags(processor):
+    """Tile-tag ablation (paper Table 7 in miniature): ``processor`` changed in place to write an image as
+    ``<Image> P..P P..P ... </Image>`` (no ``<tile_k>`` / thumbnail tags); everything else unchanged."""
+    from nvlm.processor import IMAGE_END, IMAGE_PLACEHOLDER, IMAGE_START
+
+    def expand(pieces, num_tiles):
+        out, tiles = [], iter(num_tiles)
+        pad = [processor.image_token_id] * processor.tokens_per_tile
+        for piece in pieces:
+            if not isinstance(piece, str):
+                out.append(piece)
+                continue
+            for k, part in enumerate(piece.split(IMAGE_PLACEHOLDER)):
+                if k:
+                    out += [IMAGE_START, pad * next(tiles), IMAGE_END]
+                out.append(part)
+        return out
+
+    processor._expand = expand
+    return processor
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batches
+# ----------------------------------------------------------------------------------------------------------------
+def encode(processor, sample: tasks.Sample) -> tuple[list[int], list[int], torch.Tensor | None]:
+    """Prompt + answer + ``<|im_end|>`` ids, labels (IGNORE on the prompt), ``pixel_values`` or None."""
+    inputs = processor(images=[sample.image] if sample.image is not None else None, text=sample.question)
+    prompt = inputs["input_ids"][0].tolist()
+    answer = processor._plain.encode(sample.answer, add_special_tokens=False).ids + [processor.eos_token_id]
+    return prompt + answer, [IGNORE] * len(prompt) + answer, inputs["pixel_values"]
+
+
+def collate(processor, samples: list[tasks.Sample]):
+    """Right-padded ``input_ids [B, L]``, ``labels [B, L]`` and the tiles of all images in batch order."""
+    rows = [encode(processor, s) for s in samples]
+    width = max(len(ids) for ids, _, _ in rows)
+    pad = processor.pad_token_id
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    for i, (x, y, _) in enumerate(rows):
+        ids[i, :len(x)] = torch.tensor(x)
+        labels[i, :len(y)] = torch.tensor(y)
+    tiles = [pv for _, _, pv in rows if pv is not None]
+    return ids, labels, (torch.cat(tiles) if tiles else None)
+
+
+def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy on the labelled (answer) positions only."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stages
+# ----------------------------------------------------------------------------------------------------------------
+def _schedule(step: int, total: int, lr: float) -> float:
+    """Linear warm-up (5%) then cosine decay to 10%."""
+    warm = max(1, total // 20)
+    if step < warm:
+        return lr * (step + 1) / warm
+    t = (step - warm) / max(1, total - warm)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def _run(name: str, params, steps: int, lr: float, batch_fn, loss_fn, log_every: int = 25) -> list[float]:
+    params = [p for p in params if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+    losses, t0, window = [], time.perf_counter(), []
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = _schedule(step, steps, lr)
+        loss = loss_fn(*batch_fn())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(loss.item())
+        window.append(losses[-1])
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            _log(f"stage {name} step {step + 1}/{steps} loss {sum(window) / len(window):.4f} "
+                 f"({time.perf_counter() - t0:.0f} s)")
+            window = []
+    return losses
+
+
+def _freeze(module: nn.Module, frozen: bool) -> None:
+    for p in module.parameters():
+        p.requires_grad_(not frozen)
+
+
+def stage_0a(model, processor, steps: int, seed: int) -> list[float]:
+    """Vision pre-training: per-patch colour and shape classes from linear heads on the ViT output."""
+    rng = random.Random(f"0a-{seed}")
+    width = model.config.vision.hidden_size
+    heads = nn.ModuleDict({"colour": nn.Linear(width, 1 + len(tasks.COLOUR_NAMES)),
+                           "shape": nn.Linear(width, 1 + len(tasks.SHAPES))})
+    _freeze(model, True)
+    _freeze(model.vision_model, False)
+
+    def batch():
+        pvs, colours, shapes = [], [], []
+        for _ in range(BATCH["0a"]):
+            s = tasks.image_sample(rng, labels=True)
+            pv = processor(images=[s.image], text="")["pixel_values"]
+            c, sh = tasks.patch_labels(s.scene, s.label_map)
+            pvs.append(pv)
+            colours.append(torch.from_numpy(c))
+            shapes.append(torch.from_numpy(sh))
+        return torch.cat(pvs), torch.cat(colours), torch.cat(shapes)
+
+    def loss(pv, colour, shape):
+        h = model.vision_model(pv)[:, 1:]                               # [T, P, C] (CLS dropped, as mlp1 sees it)
+        return (F.cross_entropy(heads["colour"](h).flatten(0, 1), colour.flatten())
+                + F.cross_entropy(heads["shape"](h).flatten(0, 1), shape.flatten()))
+
+    return _run("0a", list(model.vision_model.parameters()) + list(heads.parameters()), steps, LR["0a"], batch, loss)
+
+
+def _lm_loss(model):
+    def loss(ids, labels, pixel_values):
+        return answer_loss(model(ids, pixel_values).logits, labels)
+    return loss
+
+
+def stage_0b(model, processor, steps: int, seed: int) -> list[float]:
+    """Text pre-training of the decoder alone."""
+    rng = random.Random(f"0b-{seed}")
+    _freeze(model, True)
+    _freeze(model.language_model, False)
+    return _run("0b", model.language_model.parameters(), steps, LR["0b"],
+                lambda: collate(processor, [tasks.text_sample(rng) for _ in range(BATCH["0b"])]), _lm_loss(model))
+
+
+def stage_1(model, processor, steps: int, seed: int) -> list[float]:
+    """Projector only; vision tower and decoder frozen."""
+    rng = random.Random(f"1-{seed}")
+    _freeze(model, True)
+    _freeze(model.mlp1, False)
+    return _run("1", model.mlp1.parameters(), steps, LR["1"],
+                lambda: collate(processor, [tasks.image_sample(rng) for _ in range(BATCH["1"])]), _lm_loss(model))
+
+
+def stage_2(model, processor, steps: int, seed: int) -> list[float]:
+    """Projector + decoder; vision tower frozen; ``TEXT_MIX`` of each batch is text-only."""
+    rng = random.Random(f"2-{seed}")
+    _freeze(model, True)
+    _freeze(model.mlp1, False)
+    _freeze(model.language_model, False)
+    n_text = round(BATCH["2"] * TEXT_MIX)
+
+    def batch():
+        samples = [tasks.image_sample(rng) for _ in range(BATCH["2"] - n_text)]
+        samples += [tasks.text_sample(rng) for _ in range(n_text)]
+        return collate(processor, samples)
+
+    params = list(model.mlp1.parameters()) + list(model.language_model.parameters())
+    return _run("2", params, steps, LR["2"], batch, _lm_loss(model))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Whole recipe
+# ----------------------------------------------------------------------------------------------------------------
+def save(model, out: str | os.PathLike, overwrite: bool = True) -> Path:
+    """bf16 copy of ``model`` in the published NVLM-D layout + tokenizer files."""
+    import copy
+
+    from nvlm.loading import save_pretrained
+    from nvlm.testing import zero_dummy_heads
+    from nvlm.tokenizer import save_tokenizer
+
+    m = copy.deepcopy(model).to(torch.bfloat16)
+    m.config.torch_dtype = "bfloat16"
+    m.config.img_context_token_id = None     # not in the published config.json: from_pretrained reads the tokenizer
+    zero_dummy_heads(m)
+    m.processor = None
+    path = save_pretrained(m, out, num_shards=1, overwrite=overwrite)
+    save_tokenizer(model.processor.tokenizer, path)
+    return path
+
+
+def parse_steps(text: str | None) -> dict[str, int]:
+    """``"0a=300,0b=500,1=150,2=700"`` (any subset) -> steps per stage, defaults for the rest."""
+    steps = dict(DEFAULT_STEPS)
+    if not text:
+        return steps
+    for part in text.split(","):
+        key, _, value = part.partition("=")
+        key = key.strip()
+        if key not in steps or not value.strip().isdigit():
+            raise ValueError(f"nvlm train: argument '--steps' must look like '0a=300,0b=500,1=150,2=700' "
+                             f"(stages {sorted(steps)}), got {text!r}")
+        steps[key] = int(value)
+    return steps
+
+
+def train(out=DEFAULT_OUT, seed: int = 0, steps: dict[str, int] | None = None, eval_n: int = 200,
+          tile_tags: bool = True, threads: int = 1) -> dict:
+    """Run stages 0a, 0b, 1, 2 and save to ``out``; returns a summary (losses, text and image scores of the fp32
+    model, timings). ``tile_tags=False`` is the tile-tag ablation (``without_tile_tags``): its checkpoint only
+    answers through such a processor, so it is for comparison, not for shipping."""
+    from nvlm.evaluate import score
+    from nvlm_kernels import force_backend
+
+    steps = steps or dict(DEFAULT_STEPS)
+    # One thread by default: the result then does not depend on the core count, and on a shared machine 2 OpenMP
+    # threads that keep waiting for each other at barriers ran ~15x slower than one (measured here, load ~4.5).
+    torch.set_num_threads(threads)
+    random.seed(seed)
+    model, processor = build(seed)
+    if not tile_tags:
+        without_tile_tags(processor)
+    n_params = sum(p.numel() for p in model.parameters())
+    _log(f"small-d: {n_params / 1e6:.2f} M parameters; steps {steps}; threads {torch.get_num_threads()}")
+    summary = {"seed": seed, "steps": steps, "params": n_params, "times": {}}
+    text_eval = tasks.eval_set("text", eval_n)
+    t_all = time.perf_counter()
+    with force_backend("ref"):
+        for name, fn in (("0a", stage_0a), ("0b", stage_0b), ("1", stage_1), ("2", stage_2)):
+            if name == "2":
+                model.eval()
+                summary["text_before_stage2"] = score(model, processor, text_eval)["accuracy"]
+                _log(f"text-only accuracy before stage 2: {summary['text_before_stage2']:.3f}")
+            t = time.perf_counter()
+            model.train()
+            losses = fn(model, processor, steps[name], seed)
+            summary["times"][name] = time.perf_counter() - t
+            summary[f"loss_{name}"] = (losses[0], sum(losses[-10:]) / max(1, len(losses[-10:]))) if losses else None
+        model.eval()
+        summary["text_after_stage2"] = score(model, processor, text_eval)["accuracy"]
+        _log(f"text-only accuracy after stage 2: {summary['text_after_stage2']:.3f}")
+        tiles = score(model, processor, tasks.eval_set("tiles", 2 * eval_n))
+        summary["tiles_fp32"] = tiles
+        _log(f"image accuracy (fp32, {tiles['n']} held-out samples, tile tags {'on' if tile_tags else 'OFF'}): "
+             f"{tiles['accuracy']:.3f} {tiles['by_kind']}")
+    summary["times"]["total"] = time.perf_counter() - t_all
+    path = save(model, out)
+    _log(f"saved {path} ({sum(f.stat().st_size for f in Path(path).iterdir()) / 2**20:.1f} MiB); "
+         f"training took {summary['times']['total']:.0f} s")
+    summary["path"] = str(path)
+    return summary
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="nvlm train", description="train the small NVLM-D shipped with the package")
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``python -m nvlm.train`` (``nvlm train`` declares the same ones in nvlm/cli.py)."""
+    p.add_argument("--out", default=None, help="checkpoint folder, replaced if it exists (default: nvlm/assets/"
+                                               "nvlm-d-small)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", default=None, help="steps per stage, e.g. '0a=1000,0b=800,1=200,2=1200'")
+    p.add_argument("--no-tile-tags", action="store_true", help="tile-tag ablation: images without <tile_k> tags")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (results are reproducible for a "
+                                                          "given count; default 1)")
+
+
+def run(args) -> int:
+    import json
+
+    summary = train(args.out or DEFAULT_OUT, seed=args.seed, steps=parse_steps(args.steps),
+                    tile_tags=not getattr(args, 'no_tile_tags', False), threads=getattr(args, 'threads', 1))
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -97,10 +97,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + _rotate_half(x) * sin
 
 
-class Qwen2Attention(nn.Module):
-    def __init__(self, cfg: LLMConfig, layer_idx: int):
+class Qwen2AttentionProjections(nn.Module):
+    """q/k/v (with bias) and o (without) of a Qwen2 attention with GQA; shared by self- and cross-attention."""
+
+    def __init__(self, cfg: LLMConfig):
         super().__init__()
-        self.layer_idx = layer_idx
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
@@ -108,6 +109,12 @@ class Qwen2Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
         self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+
+class Qwen2Attention(Qwen2AttentionProjections):
+    def __init__(self, cfg: LLMConfig, layer_idx: int):
+        super().__init__(cfg)
+        self.layer_idx = layer_idx
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         b, n, _ = x.shape

@@ -73,6 +73,7 @@ import torch.nn as nn
 
 import nvlm_kernels
 from nvlm.config import LLMConfig, NVLMConfig
+from nvlm.decoder import Qwen2AttentionProjections
 
 #: ``XAttnLayout.memory`` segment: a tile index into ``pixel_values`` (its ``num_image_token`` projected tokens),
 #: or a list of token ids (their ``embed_tokens`` rows; NVLM-H's tile tags).
@@ -171,18 +172,8 @@ class ProjectorX(nn.Sequential):
         return self[1](op(x, ln.weight, ln.bias, ln.eps, version=self.ps_version))
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(Qwen2AttentionProjections):
     """Qwen2-shaped attention projections for text queries over image memory (no RoPE)."""
-
-    def __init__(self, cfg: LLMConfig):
-        super().__init__()
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
-        self.head_dim = cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=True)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
 
 
 class GatedCrossAttentionBlock(nn.Module):

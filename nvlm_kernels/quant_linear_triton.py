@@ -268,18 +268,24 @@ def gemm_config(m: int, n: int, k: int, bits: int, group_size: int = 128) -> dic
     """Launch parameters of the tensor-core GEMM kernels for ``m > GEMV_MAX_M``.
 
     Pruned with ptxas -v on sm_90a and sm_80 (bf16 x, fp16 scales); every config kept compiles without spills on
-    both. Rejected (spill bytes sm_90a / sm_80):
+    both. Rejected (spill bytes sm_90a / sm_80; first measured without the JIT's divisibility hints):
       int8 128x128x64 8 warps (0 / 292), 64x128x64 4w (496 / 1100), 64x64x64 4w (0 / 124), 16x64x128 4w (0 / 328),
       64x128x32 4w (0 / 84): the K-major int8 tile converted to bf16 needs more registers than the int4 path, so
       int8 takes BLOCK_K = 32 on large tiles;
       int4 128x128x64 4 warps (608 on sm_90a), and any tile that unpacked nibbles with tl.interleave + tl.trans
       (300-1000 bytes), replaced by a shifted load of each byte for both of its k;
       128x256x64 4 warps (~2 KB, build_notes.md).
+    Re-measured by the GPU gate with the JIT's 16-divisibility hints (aligned pointers, N, K, M = 16/64/2048),
+    triton 3.8, 2026-11-22, regs sm_90a / sm_80: int8 M <= 64 64x64x32 4w (64 / 96) spills 16-24 B on sm_80 at
+    2-4 stages (ptxas keeps it at 96 registers), so it became 64x64x64 4w 4 stages (80 / 128 regs, no spill with
+    the hints -- the 124 B above was without them -- and the same N/64 programs); 64x128x32 4w (119 / 157) and
+    64x64x32 8w (42 / 76) are clean too. int8 128x128x32 8w (106 / 160), int4 64x128x64 4w (190 / 255) and 128x128x64 8w
+    (128 / 203): no spill.
     No 16-row tile: below 64 rows Triton emits mma.sync instead of wgmma on sm_90a, so M = 9..64 share the 64-row
     tile (wgmma's minimum). 128x128 tiles at 8 warps hold 64 fp32 accumulators per thread."""
     if bits == 8:
         if m <= 64:
-            cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=4)
+            cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4)
         else:
             cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3)
     else:

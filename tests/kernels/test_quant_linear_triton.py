@@ -131,7 +131,8 @@ def test_gate_specs_cover_the_decoder_shapes():
     assert len(names) == len(set(names))
     for s in specs:
         assert set(s) == {"name", "fn", "signature", "constexprs", "num_warps", "num_stages", "hot_path",
-                          "tensor_cores", "shape"}
+                          "tensor_cores", "shape", "divisible_by_16"}
+        assert set(s["divisible_by_16"]) <= set(s["signature"]), s["name"]
         params = [p for p in s["fn"].arg_names if p not in s["constexprs"]]
         assert sorted(params) == sorted(s["signature"]), s["name"]
         assert s["tensor_cores"] == ("gemm" in s["name"])

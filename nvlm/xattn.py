@@ -166,10 +166,8 @@ class ProjectorX(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ln = self[0]
-        # The fused op has no backward: when autograd records (training the projector) use its reference.
-        fused = not (torch.is_grad_enabled() and (ln.weight.requires_grad or x.requires_grad))
-        op = nvlm_kernels.pixel_shuffle_layernorm if fused else nvlm_kernels.pixel_shuffle_layernorm_ref
-        return self[1](op(x, ln.weight, ln.bias, ln.eps, version=self.ps_version))
+        # (the op itself falls back to its differentiable reference when autograd records, e.g. training)
+        return self[1](nvlm_kernels.pixel_shuffle_layernorm(x, ln.weight, ln.bias, ln.eps, version=self.ps_version))
 
 
 class CrossAttention(Qwen2AttentionProjections):

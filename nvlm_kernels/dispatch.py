@@ -99,3 +99,9 @@ def select(op: str, device: torch.device, implemented: tuple[str, ...]) -> str:
             choice = "ref"
     usage[(op, choice)] += 1
     return choice
+
+
+def needs_grad(*tensors) -> bool:
+    """True when autograd must differentiate through an op called on ``tensors``. The compiled and Triton kernels
+    are forward-only (inference first), so ops then take their differentiable ``<op>_ref`` path instead."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)

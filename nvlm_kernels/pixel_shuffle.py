@@ -278,6 +278,8 @@ def pixel_shuffle(x: torch.Tensor, *, version="v2") -> torch.Tensor:
     """Pixel shuffle ``x: [T, N, C] -> [T, N/4, 4C]`` (see module docstring)."""
     v = _version_number(version)
     _check_input(x)
+    if dispatch.needs_grad(x):
+        return pixel_shuffle_ref(x, v)
     backend = dispatch.select("pixel_shuffle", x.device, _IMPLEMENTED)
     if backend in ("cpu", "cuda"):
         return torch.ops.nvlm_kernels.pixel_shuffle(x.contiguous(), v)
@@ -292,6 +294,8 @@ def pixel_shuffle_layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     v = _version_number(version)
     _check_input(x)
     _check_ln_params(x, weight, bias)
+    if dispatch.needs_grad(x, weight, bias):
+        return pixel_shuffle_layernorm_ref(x, weight, bias, eps, v)
     backend = dispatch.select("pixel_shuffle_layernorm", x.device, _IMPLEMENTED)
     if backend in ("cpu", "cuda"):
         return torch.ops.nvlm_kernels.pixel_shuffle_layernorm(x.contiguous(), weight.contiguous(),

@@ -133,6 +133,8 @@ def w8a16_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                  bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x [..., K] @ (qweight int8 [N, K] * scale[N, None])^T (+ bias [N])`` -> ``[..., N]`` in ``x.dtype``."""
     _check_int8(x, qweight, scale, bias)
+    if dispatch.needs_grad(x, bias):            # training layers around a frozen quantised one
+        return w8a16_linear_ref(x, qweight, scale, bias)
     backend = dispatch.select("w8a16_linear", x.device, _implemented())
     if backend in ("cpu", "cuda"):
         return torch.ops.nvlm_kernels.w8a16_linear(x, qweight, scale, bias)
@@ -146,6 +148,8 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
                  group_size: int = 128, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x [..., K] @ ((q - zeros) * scales)^T (+ bias [N])`` with int4 ``qweight uint8 [N, K/2]`` -> ``[..., N]``."""
     _check_int4(x, qweight, scales, zeros, group_size, bias)
+    if dispatch.needs_grad(x, bias):
+        return w4a16_linear_ref(x, qweight, scales, zeros, group_size, bias)
     backend = dispatch.select("w4a16_linear", x.device, _implemented())
     if backend in ("cpu", "cuda"):
         return torch.ops.nvlm_kernels.w4a16_linear(x, qweight, scales, zeros, int(group_size), bias)

@@ -454,6 +454,8 @@ def tiled_attention(q, k, v, *, softmax_scale=None, cu_tiles=None, q_norm_weight
     if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and softmax_scale > 0):
         raise ValueError(f"nvlm_kernels.tiled_attention: argument 'softmax_scale' must be a float > 0, "
                          f"got {softmax_scale!r}")
+    if dispatch.needs_grad(q, k, v, q_norm_weight, k_norm_weight):
+        return tiled_attention_ref(q, k, v, softmax_scale, q_norm_weight, k_norm_weight, norm_eps)
     implemented = _IMPLEMENTED
     if q.device.type == "cuda" and q.dtype == torch.float32 and dispatch.forced_backend() is None:
         implemented = ("ref",)  # the Triton kernel's fp32 (IEEE) dots spill: see _CONFIGS_FP32

@@ -89,6 +89,7 @@ def _add_eval(sub):
     p.add_argument("--n-text", type=int, default=200, help="held-out text-only samples")
     p.add_argument("--sqnr-samples", type=int, default=64, help="image samples for the logits SQNR (0: skip)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: fastest on a shared machine)")
     p.set_defaults(func=cmd_eval)
 
 

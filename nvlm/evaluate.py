@@ -65,7 +65,14 @@ def load(path, quant: str | None):
     from nvlm.model import NVLM
 
     quantization = None if quant in (None, "bf16", "none") else quant
-    model = NVLM.from_pretrained(path, quantization=quantization, progress=False)
+    if quantization is not None and quantization.startswith("bnb"):
+        # bitsandbytes quantises materialised weights (nvlm.quant._to_bnb), not while streaming: load, then swap
+        from nvlm.quant import quantize_
+
+        model = NVLM.from_pretrained(path, progress=False)
+        quantize_(model, quantization)
+    else:
+        model = NVLM.from_pretrained(path, quantization=quantization, progress=False)
     if model.processor is None:
         raise ValueError(f"nvlm eval: {str(path)!r} has no tokenizer.json; the model needs its tokenizer")
     return model.eval()
@@ -91,11 +98,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-text", type=int, default=200, help="held-out text-only samples")
     p.add_argument("--sqnr-samples", type=int, default=64, help="image samples for the logits SQNR (0: skip)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: fastest on a shared machine)")
 
 
 def run(args) -> int:
     from nvlm.train import DEFAULT_OUT
 
+    torch.set_num_threads(args.threads)
     r = evaluate(args.model or DEFAULT_OUT, args.quant, args.n, args.n_text, args.sqnr_samples)
     if args.json:
         print(json.dumps(r, indent=2))

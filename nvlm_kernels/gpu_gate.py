@@ -620,11 +620,15 @@ def _demangle(names: list[str]) -> dict[str, str]:
 
 
 def cuda_key(ext, source: str, arch: Arch) -> str:
-    """Cache key of one .cu for one arch: its text, every csrc/ header, the nvcc command (repository paths made
-    relative, so a clone elsewhere hits the same key) and nvcc's version."""
-    cmd = [c.replace(REPO_ROOT, "<repo>") for c in nvcc_command(ext, source, arch, "out")[1:]]
-    payload = json.dumps([GATE_VERSION, _source_digest(source), cmd, _tool_version(nvcc_command(ext, source, arch,
-                                                                                               "out")[0])])
+    """Cache key of one .cu for one arch: its text, every csrc/ header, the nvcc command (the Python environment's
+    and the repository's paths made symbolic, so a clone elsewhere, with its virtualenv elsewhere, hits the same
+    key), torch's version (its headers are included) and nvcc's version."""
+    import torch
+
+    cmd = [c.replace(sys.prefix, "<python-prefix>").replace(REPO_ROOT, "<repo>")
+           for c in nvcc_command(ext, source, arch, "out")[1:]]
+    payload = json.dumps([GATE_VERSION, _source_digest(source), cmd, torch.__version__,
+                          _tool_version(nvcc_command(ext, source, arch, "out")[0])])
     return "cuda-" + hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 

@@ -65,7 +65,9 @@ def _add_quantize(sub):
 
 def _add_bench(sub):
     p = sub.add_parser("bench", help="benchmarks: every kernel against its baselines, in one run")
-    p.add_argument("rest", nargs=argparse.REMAINDER, help="options of bench.run: [--op NAME] [--quick] [--out DIR]")
+    p.add_argument("--op", action="append", help="op(s) to run (repeat or comma-separate); default: all")
+    p.add_argument("--quick", action="store_true", help="small shape set, under two minutes in total")
+    p.add_argument("--out", default=None, help="output folder (default bench/results/<UTC date_time>)")
     p.set_defaults(func=cmd_bench)
 
 
@@ -206,7 +208,8 @@ def cmd_bench(args):
         sys.path.insert(0, checkout)
     from bench.run import main as bench_main
 
-    return bench_main(args.rest)
+    argv = [f"--op={op}" for op in args.op or []] + (["--quick"] if args.quick else [])
+    return bench_main(argv + (["--out", args.out] if args.out else []))
 
 
 def cmd_demo(args):

@@ -33,7 +33,7 @@ from nvlm import tasks
 from nvlm.config import NVLMConfig
 
 DEFAULT_OUT = Path(__file__).parent / "assets" / "nvlm-d-small"
-DEFAULT_STEPS = {"0a": 500, "0b": 500, "1": 150, "2": 900}
+DEFAULT_STEPS = {"0a": 300, "0b": 500, "1": 100, "2": 450}
 BATCH = {"0a": 4, "0b": 32, "1": 16, "2": 16}          # images per step (0a), samples per step (others)
 LR = {"0a": 2e-3, "0b": 2e-3, "1": 2e-3, "2": 1e-3}
 TEXT_MIX = 0.25                                         # share of text-only samples in stage 2
@@ -280,7 +280,7 @@ def parse_steps(text: str | None) -> dict[str, int]:
     return steps
 
 
-def train(out=DEFAULT_OUT, seed: int = 0, steps: dict[str, int] | None = None, eval_n: int = 200,
+def train(out=DEFAULT_OUT, seed: int = 0, steps: dict[str, int] | None = None, eval_n: int = 100,
           tile_tags: bool = True, threads: int = 1) -> dict:
     """Run stages 0a, 0b, 1, 2 and save to ``out``; returns a summary (losses, text and image scores of the fp32
     model, timings). ``tile_tags=False`` is the tile-tag ablation (``without_tile_tags``): its checkpoint only

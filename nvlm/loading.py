@@ -241,8 +241,15 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, d
                          f"{list(expected[missing[0]])})" + (f"; {len(missing) - 1} more keys missing"
                                                               if len(missing) > 1 else ""))
 
-    if quantization is not None:       # float checkpoint, quantised on arrival (_assign_tensor)
-        quant.quantize_(model, quantization)
+    after_load = None
+    if quantization is not None:
+        quantization = quant.resolve_config(quantization)
+        if isinstance(quantization, (quant.BnbNF4, quant.BnbInt8)):
+            # bitsandbytes quantises materialised weights (on .to(device)): load the float model, then swap
+            # (peak memory is the float model here, unlike our own formats, which are quantised while streaming)
+            after_load = quantization
+        else:                          # float checkpoint, quantised on arrival (_assign_tensor)
+            quant.quantize_(model, quantization)
 
     by_file: dict[str, list[str]] = {}
     for key, name in weight_map.items():
@@ -299,6 +306,8 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, d
     still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if still_meta:
         raise ValueError(f"checkpoint {str(folder)!r} left {still_meta[0]!r} unset")
+    if after_load is not None:
+        quant.quantize_(model, after_load)
     model.eval()
     model.source_path = folder
     model.processor = _load_processor(folder)

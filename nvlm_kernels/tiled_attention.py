@@ -2,7 +2,15 @@
 
 Maths. ``q, k, v: [T, H, N, D]`` (T tiles, H heads, N tokens per tile = 1025 in NVLM-D-72B, D in {64, 80, 96, 128})
 -> ``out: [T, H, N, D]``, per tile and head ``out = softmax(q k^T * scale) v``, no mask, ``scale = D**-0.5`` unless
-given. ``cu_tiles`` is reserved for variable-length tiles (not yet supported: must be None).
+given.
+
+Variable-length tiles (``cu_tiles``; flash-attn's varlen / ``cu_seqlens`` idea): tiles of different sizes (images at
+different resolutions) go through one launch without padding. q, k, v are then ``[1, H, S, D]``, the tiles packed
+along the token axis, and ``cu_tiles: [n_tiles + 1]`` int32/int64 (same device) holds cumulative offsets
+``0 = cu[0] <= cu[1] <= ... <= cu[n_tiles] = S`` (empty tiles allowed). Token i in ``[cu[t], cu[t+1])`` attends
+exactly to the tokens of tile t (block-diagonal attention); output ``[1, H, S, D]``. The dense call is the special
+case ``cu_tiles = [0, N, 2N, ..., T*N]`` of the same tokens packed as ``[1, H, T*N, D]``. The contents of
+``cu_tiles`` are checked on the host (one device sync per call), which also yields the longest tile for the grid.
 
 Optional fused QK RMSNorm (InternViT ``q_norm``/``k_norm``, spec §3): with ``q_norm_weight, k_norm_weight: [H*D]``
 the attention uses ``qn = RMSNorm(q)``, ``kn = RMSNorm(k)`` where the statistic of token (t, n) is taken over the
@@ -21,6 +29,14 @@ are padded to ``BLOCK_D`` = 128 inside the kernel with masked loads/stores (no h
 ``qkv.view(T, N, 3, H, D).permute(2, 0, 3, 1, 4)`` -- so the model never copies them. The output is allocated
 token-major (memory ``[T, N, H, D]``, returned as the ``[T, H, N, D]`` view, as SDPA's flash backend does), so
 ``out.transpose(1, 2).reshape(T, N, H*D)`` for the output projection is a free view.
+
+Varlen kernel (``_attn_fwd_varlen_kernel``, ``cu_tiles`` given): the same online-softmax loop (it calls the same
+``_attn_step``, so the dense kernel's source and compiled code are untouched) over the grid
+``(cdiv(max_len, BLOCK_M), n_tiles*H)``, ``max_len`` = longest tile (from the host check). Each program loads its
+tile's ``[start, end)`` from ``cu_tiles``, offsets the q/k/v/out (and rstd) pointers to ``start`` and runs the dense
+loop with ``N = end - start``; programs whose q block starts past the end of a short (or empty) tile exit at once.
+The fused QK-norm needs nothing new: its statistic is per token, so the stats kernel runs on the packed ``[1, H, S]``
+tokens unchanged.
 
 Fused QK RMSNorm, and whether it pays. The RMS statistic spans all heads of a token, so a per-(tile, head) attention
 program cannot compute it; a tiny prologue kernel (``_qk_rms_stats_kernel``) reads q and k once and writes only
@@ -80,7 +96,7 @@ _LOG2E = 1.4426950408889634
 # ----------------------------------------------------------------------------------------------------------------
 # Checks
 # ----------------------------------------------------------------------------------------------------------------
-def _check(q, k, v, cu_tiles):
+def _check(q, k, v):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
@@ -95,9 +111,34 @@ def _check(q, k, v, cu_tiles):
         raise ValueError("nvlm_kernels.tiled_attention: q, k, v must share dtype and device")
     if q.numel() == 0:
         raise ValueError(f"nvlm_kernels.tiled_attention: q, k, v must be non-empty, got shape {tuple(q.shape)}")
-    if cu_tiles is not None:
-        raise ValueError("nvlm_kernels.tiled_attention: argument 'cu_tiles' (variable-length tiles) is not "
-                         "supported yet")
+
+
+def _check_cu_tiles(q, cu_tiles) -> int:
+    """Validate ``cu_tiles`` against ``q: [1, H, S, D]``; returns the longest tile's length (one host sync)."""
+    def bad(why):
+        return ValueError(f"nvlm_kernels.tiled_attention: argument 'cu_tiles' {why}")
+
+    if not isinstance(cu_tiles, torch.Tensor):
+        raise bad(f"must be a tensor, got {type(cu_tiles).__name__}")
+    if cu_tiles.dtype not in (torch.int32, torch.int64):
+        raise bad(f"must be int32 or int64, got {cu_tiles.dtype}")
+    if cu_tiles.dim() != 1 or cu_tiles.numel() < 2:
+        raise bad(f"must be 1-D [n_tiles + 1] with n_tiles >= 1, got shape {tuple(cu_tiles.shape)}")
+    if cu_tiles.device != q.device:
+        raise bad(f"is on {cu_tiles.device}, 'q' on {q.device}")
+    if q.shape[0] != 1:
+        raise bad(f"needs the tiles packed along the token axis, q/k/v [1, H, S, D]; got T={q.shape[0]} "
+                  f"(shape {tuple(q.shape)})")
+    cu = cu_tiles.tolist()                                   # the one host sync per call
+    s = q.shape[2]
+    if cu[0] != 0:
+        raise bad(f"must start at 0, got {cu[0]}")
+    lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
+    if min(lengths) < 0:
+        raise bad(f"must be non-decreasing, got a decrease at index {lengths.index(min(lengths)) + 1}")
+    if cu[-1] != s:
+        raise bad(f"must end at S = q.shape[2] = {s}, got {cu[-1]}")
+    return max(lengths)
 
 
 def _check_norm(q, q_norm_weight, k_norm_weight, norm_eps):
@@ -227,6 +268,64 @@ if triton is not None:
         tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :], acc.to(Out.dtype.element_ty), mask=q_mask)
 
     @triton.jit
+    def _attn_fwd_varlen_kernel(Q, K, V, Out, CU_TILES, RSTD_Q, RSTD_K, WQ, WK,
+                                stride_qh, stride_qn, stride_kh, stride_kn,
+                                stride_vh, stride_vn, stride_oh, stride_on,
+                                H, MAX_LEN_P2, qk_scale,
+                                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                                BLOCK_N: tl.constexpr, NORM: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        """Flash-attention forward over packed variable-length tiles: q/k/v/out ``[1, H, S, D]`` (the T=1 axis is
+        not addressed), ``CU_TILES: [n_tiles + 1]`` int32 token offsets, ``RSTD_Q/RSTD_K: [S]`` fp32 when NORM.
+
+        Grid ``(cdiv(max_len, BLOCK_M), n_tiles*H)``. ``MAX_LEN_P2`` (next power of two of the longest tile) is
+        unused here: it is the autotuner's key, so the choice of config follows the tile size, as N does for dense.
+        """
+        pid_m = tl.program_id(0)
+        pid_th = tl.program_id(1)
+        t = pid_th // H
+        h = pid_th % H
+        tile_start = tl.load(CU_TILES + t)
+        n = tl.load(CU_TILES + t + 1) - tile_start                              # this tile's length, may be 0
+        start = tile_start.to(tl.int64)
+        if pid_m * BLOCK_M >= n:
+            return                                                              # q block past a short tile's end
+        # 64-bit tile start/head offsets (S*stride_n may pass 2^31); in-tile offsets stay 32-bit.
+        q_base = Q + h.to(tl.int64) * stride_qh + start * stride_qn
+        k_base = K + h.to(tl.int64) * stride_kh + start * stride_kn
+        v_base = V + h.to(tl.int64) * stride_vh + start * stride_vn
+        rstd_k_base = RSTD_K + start
+
+        # From here on the dense kernel's body with N = n.
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        q_mask = (offs_m[:, None] < n) & (offs_d[None, :] < HEAD_DIM)
+        q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=q_mask, other=0.0)
+        if NORM:
+            rq = tl.load(RSTD_Q + start + offs_m, mask=offs_m < n, other=0.0)
+            w_offs = h * HEAD_DIM + offs_d
+            wq = tl.load(WQ + w_offs, mask=offs_d < HEAD_DIM, other=0.0).to(tl.float32)
+            wk = tl.load(WK + w_offs, mask=offs_d < HEAD_DIM, other=0.0).to(tl.float32)
+            q = (q.to(tl.float32) * rq[:, None] * (wq * wk)[None, :]).to(Q.dtype.element_ty)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        n_full = (n // BLOCK_N) * BLOCK_N
+        for start_n in range(0, n_full, BLOCK_N):
+            acc, m_i, l_i = _attn_step(acc, m_i, l_i, q, k_base, v_base, rstd_k_base, stride_kn, stride_vn,
+                                       start_n, n, qk_scale, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N,
+                                       False, NORM, DOT_PRECISION)
+        if n_full < n:
+            acc, m_i, l_i = _attn_step(acc, m_i, l_i, q, k_base, v_base, rstd_k_base, stride_kn, stride_vn,
+                                       n_full, n, qk_scale, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N,
+                                       True, NORM, DOT_PRECISION)
+        acc = acc / l_i[:, None]
+        # The output base is formed only now, from the tile start read again: keeping it live through the loop
+        # made the fused-norm (128, 64, 8, 4) config spill on sm_90a (GPU gate).
+        o_base = Out + h.to(tl.int64) * stride_oh + tl.load(CU_TILES + t).to(tl.int64) * stride_on
+        tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :], acc.to(Out.dtype.element_ty), mask=q_mask)
+
+    @triton.jit
     def _qk_rms_stats_kernel(Q, K, RSTD_Q, RSTD_K,
                              stride_qt, stride_qh, stride_qn,
                              stride_kt, stride_kh, stride_kn,
@@ -276,6 +375,9 @@ if triton is not None:
 #                 640-1000 B); (128, 128, 8, 2) 44 B.  With norm only: (128, 64, 8, 2|3) 32-80 B, (64, 64, 8, 3) 384 B.
 #   (Without the hints -- what the gate compiled before it passed them -- (128, 32|64, 8, *) and (64, 64, 8, 3)
 #   spilled 28-264 B on sm_80: the figures depend on them, so the gate must use them.)
+# The varlen kernel (cu_tiles) runs the same candidates; gated the same way (2026-11-22): sm_90a 178-181 regs,
+#   (128, 128, 8, 3) 249, with norm 253; sm_80 255; no spills (the fused-norm (128, 64, 8, 4) spilled 4 B on sm_90a
+#   until the kernel formed its output pointer after the loop).
 # D = 64/80/96 are not NVLM-D-72B shapes and are no longer gated (a cold gate took 10-20 min with them); their lists
 # were pruned the same way without hints on 2026-11-22 and the runtime still uses them for such head dims.
 _CONFIGS_16BIT = {
@@ -320,13 +422,18 @@ def _candidates(head_dim: int, dtype: torch.dtype, major: int, norm: bool) -> li
 _TUNERS: dict = {}
 
 
-def _tuned_kernel(head_dim: int, dtype: torch.dtype, major: int, norm: bool):
-    """A triton.autotune wrapper over the explicit candidate list for this (head dim, dtype kind, arch, norm)."""
-    key = (head_dim, dtype == torch.float32, major, norm)
+def _tuned_kernel(head_dim: int, dtype: torch.dtype, major: int, norm: bool, varlen: bool = False):
+    """A triton.autotune wrapper over the explicit candidate list for this (head dim, dtype kind, arch, norm), of
+    the dense kernel (tuned per N) or the varlen kernel (tuned per power-of-two bucket of the longest tile). Both
+    share the candidate lists: same inner loop, and the GPU gate checks every candidate of both for spills."""
+    key = (head_dim, dtype == torch.float32, major, norm, varlen)
     if key not in _TUNERS:
         configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
                    for bm, bn, w, s in _candidates(head_dim, dtype, major, norm)]
-        _TUNERS[key] = triton.autotune(configs=configs, key=["N", "HEAD_DIM"])(_attn_fwd_kernel)
+        if varlen:
+            _TUNERS[key] = triton.autotune(configs=configs, key=["MAX_LEN_P2", "HEAD_DIM"])(_attn_fwd_varlen_kernel)
+        else:
+            _TUNERS[key] = triton.autotune(configs=configs, key=["N", "HEAD_DIM"])(_attn_fwd_kernel)
     return _TUNERS[key]
 
 
@@ -346,15 +453,21 @@ def _empty_out(q: torch.Tensor) -> torch.Tensor:
 _MAX_GRID_Y = 65535
 
 
+def _launch_stats(q, k, rstd_q, rstd_k, norm_eps):
+    """QK-norm statistics of ``q, k: [t, H, N, D]`` into ``rstd_q, rstd_k: [t, N]`` fp32."""
+    t, h, n, d = q.shape
+    _qk_rms_stats_kernel[(triton.cdiv(n, _STATS_BLOCK_T), t)](
+        q, k, rstd_q, rstd_k, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        h, n, 1.0 / (h * d), float(norm_eps),
+        HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_T=_STATS_BLOCK_T, num_warps=_STATS_WARPS)
+
+
 def _launch_chunk(q, k, v, out, softmax_scale, rstd_q, rstd_k, wq, wk, norm_eps, interpreted):
     """Both kernels on ``[t, H, N, D]`` views with t*H <= _MAX_GRID_Y; ``rstd_q`` None = no QK norm."""
     t, h, n, d = q.shape
     norm = rstd_q is not None
     if norm:
-        _qk_rms_stats_kernel[(triton.cdiv(n, _STATS_BLOCK_T), t)](
-            q, k, rstd_q, rstd_k, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            h, n, 1.0 / (h * d), float(norm_eps),
-            HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_T=_STATS_BLOCK_T, num_warps=_STATS_WARPS)
+        _launch_stats(q, k, rstd_q, rstd_k, norm_eps)
     else:
         rstd_q = rstd_k = wq = wk = q  # unused by the kernel when NORM is False
     args = (q, k, v, out, rstd_q, rstd_k, wq, wk,
@@ -373,7 +486,38 @@ def _launch_chunk(q, k, v, out, softmax_scale, rstd_q, rstd_k, wq, wk, norm_eps,
         kernel[grid](*args, **meta)
 
 
-def _launch(q, k, v, softmax_scale, q_norm_weight, k_norm_weight, norm_eps):
+def _launch_varlen(q, k, v, out, softmax_scale, cu_tiles, max_len, rstd_q, rstd_k, wq, wk, norm_eps,
+                   interpreted):
+    """Varlen attention on packed ``[1, H, S, D]`` tiles; ``cu_tiles: [n_tiles + 1]`` int32, ``max_len`` its
+    longest tile (> 0); ``rstd_q`` None = no QK norm, else ``[1, S]`` fp32 buffers to fill."""
+    _, h, _, d = q.shape
+    norm = rstd_q is not None
+    if norm:
+        _launch_stats(q, k, rstd_q, rstd_k, norm_eps)                   # per token: the packing does not matter
+    else:
+        rstd_q = rstd_k = wq = wk = q  # unused by the kernel when NORM is False
+    meta = dict(HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), NORM=norm,
+                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    n_tiles = cu_tiles.numel() - 1
+    # Grid axis 1 holds n_tiles*H programs (<= 65535): chunk over tiles; a chunk's offsets are a view of cu_tiles
+    # (absolute token offsets, so the q/k/v/out/rstd base pointers stay the same).
+    chunk = max(1, _MAX_GRID_Y // h)
+    for t0 in range(0, n_tiles, chunk):
+        nt = min(n_tiles, t0 + chunk) - t0
+        args = (q, k, v, out, cu_tiles[t0:t0 + nt + 1], rstd_q, rstd_k, wq, wk,
+                q.stride(1), q.stride(2), k.stride(1), k.stride(2), v.stride(1), v.stride(2),
+                out.stride(1), out.stride(2), h, triton.next_power_of_2(max_len), float(softmax_scale) * _LOG2E)
+        if interpreted:
+            bm, bn, warps, stages = _INTERPRETER_CONFIG
+            _attn_fwd_varlen_kernel[(triton.cdiv(max_len, bm), nt * h)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn,
+                                                                      num_warps=warps, num_stages=stages)
+        else:
+            kernel = _tuned_kernel(d, q.dtype, _capability_major(q.device), norm, varlen=True)
+            grid = lambda cfg, nt=nt: (triton.cdiv(max_len, cfg["BLOCK_M"]), nt * h)
+            kernel[grid](*args, **meta)
+
+
+def _launch(q, k, v, softmax_scale, q_norm_weight, k_norm_weight, norm_eps, cu_tiles=None, max_len=0):
     interpreted = q.device.type == "cpu"
     out_dtype = q.dtype
     if interpreted and q.dtype == torch.bfloat16:
@@ -390,6 +534,10 @@ def _launch(q, k, v, softmax_scale, q_norm_weight, k_norm_weight, norm_eps):
         rstd_q = torch.empty((t, n), dtype=torch.float32, device=q.device)                # [T, N]
         rstd_k = torch.empty((t, n), dtype=torch.float32, device=q.device)
         wq, wk = q_norm_weight.contiguous(), k_norm_weight.contiguous()                   # [H*D]
+    if cu_tiles is not None:
+        _launch_varlen(q, k, v, out, softmax_scale, cu_tiles.to(torch.int32), max_len, rstd_q, rstd_k, wq, wk,
+                       norm_eps, interpreted)
+        return out if out.dtype == out_dtype else out.to(out_dtype)
     # CUDA caps grid axis 1 at 65535 (T*H programs there): launch in chunks of whole tiles (views, no copies).
     chunk = max(1, _MAX_GRID_Y // h)
     for t0 in range(0, t, chunk):
@@ -402,13 +550,17 @@ def _launch(q, k, v, softmax_scale, q_norm_weight, k_norm_weight, norm_eps):
 @torch.library.custom_op("nvlm_kernels::tiled_attention_triton", mutates_args=())
 def _tiled_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
                             q_norm_weight: torch.Tensor | None, k_norm_weight: torch.Tensor | None,
-                            norm_eps: float) -> torch.Tensor:
-    return _launch(q, k, v, softmax_scale, q_norm_weight, k_norm_weight, norm_eps)
+                            norm_eps: float, cu_tiles: torch.Tensor | None = None,
+                            max_tile_len: int = 0) -> torch.Tensor:
+    """``cu_tiles`` None: dense ``[T, H, N, D]``; else packed ``[1, H, S, D]`` tiles with ``max_tile_len`` = the
+    longest tile of (already validated) ``cu_tiles``, passed in so the op needs no device sync of its own."""
+    return _launch(q, k, v, softmax_scale, q_norm_weight, k_norm_weight, norm_eps, cu_tiles, max_tile_len)
 
 
 @_tiled_attention_triton.register_fake
-def _tiled_attention_triton_fake(q, k, v, softmax_scale, q_norm_weight, k_norm_weight, norm_eps):
-    return _empty_out(q)
+def _tiled_attention_triton_fake(q, k, v, softmax_scale, q_norm_weight, k_norm_weight, norm_eps, cu_tiles=None,
+                                 max_tile_len=0):
+    return _empty_out(q)                                # [T, H, N, D] (or [1, H, S, D]), token-major like the op
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -424,12 +576,43 @@ def qk_rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> 
     return xn * weight.view(1, h, 1, d).to(x.dtype)
 
 
-def tiled_attention_ref(q, k, v, softmax_scale=None, q_norm_weight=None, k_norm_weight=None, norm_eps=1e-6):
-    """``softmax(qn kn^T * scale) v`` over each tile and head, via PyTorch SDPA (qn = q unless norm weights)."""
+def tiled_attention_ref(q, k, v, softmax_scale=None, q_norm_weight=None, k_norm_weight=None, norm_eps=1e-6,
+                        cu_tiles=None):
+    """``softmax(qn kn^T * scale) v`` over each tile and head, via PyTorch SDPA (qn = q unless norm weights).
+
+    ``cu_tiles`` (packed ``[1, H, S, D]`` tiles, module docstring): one SDPA per non-empty tile on views of q/k/v,
+    the outputs concatenated along the token axis. That is the CPU path too. Measured on the shared 2-core dev CPU
+    (fp32, H=16, D=64, best of 4, 2026-11-22; noisy, other jobs running): six 1025-token tiles + one of 257: this
+    loop 0.54 s, stacking equal-length tiles into one batched call 0.50 s, one SDPA with a block-diagonal mask 2.6 s
+    (it computes every cross-tile product, then discards it); 64 tiles of 9 tokens: 9.5 / 3.4 / 21 ms. The loop is
+    within noise of batching at ViT sizes and simpler; the mask never wins."""
     if q_norm_weight is not None:
-        q = qk_rmsnorm_ref(q, q_norm_weight, norm_eps)
+        q = qk_rmsnorm_ref(q, q_norm_weight, norm_eps)           # per token: independent of the tile packing
         k = qk_rmsnorm_ref(k, k_norm_weight, norm_eps)
-    if not torch.compiler.is_compiling() and not bool(q.isfinite().all() & k.isfinite().all() & v.isfinite().all()):
+    if cu_tiles is None:
+        return _dense_sdpa(q, k, v, softmax_scale)
+    cu = cu_tiles.tolist()
+    tiles = [(a, b) for a, b in zip(cu[:-1], cu[1:]) if b > a]
+
+    def attend():                                                # [1, H, S, D]
+        return torch.cat([F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], scale=softmax_scale)
+                          for a, b in tiles], dim=2)
+
+    if _all_finite(q, k, v):
+        return attend()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):                           # NaN/Inf-faithful: see _dense_sdpa
+        return attend()
+
+
+def _all_finite(q, k, v) -> bool:
+    return torch.compiler.is_compiling() or bool(q.isfinite().all() & k.isfinite().all() & v.isfinite().all())
+
+
+def _dense_sdpa(q, k, v, softmax_scale):
+    """SDPA over ``[T, H, N, D]`` (the dense reference), NaN/Inf-faithful."""
+    if not _all_finite(q, k, v):
         # PyTorch's fused CPU SDPA returns a ZERO row for a query row holding NaN (a silent wrong answer); the math
         # backend propagates NaN/Inf as the formula does. One tile at a time bounds its H x N x N score memory.
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -448,14 +631,19 @@ _IMPLEMENTED = ("triton", "ref") if triton is not None else ("ref",)
 
 def tiled_attention(q, k, v, *, softmax_scale=None, cu_tiles=None, q_norm_weight=None, k_norm_weight=None,
                     norm_eps=1e-6):
-    """Attention over ``[T, H, N, D]`` tiles, optionally with the fused InternViT QK RMSNorm (module docstring)."""
-    _check(q, k, v, cu_tiles)
+    """Attention over ``[T, H, N, D]`` tiles, optionally with the fused InternViT QK RMSNorm (module docstring).
+
+    With ``cu_tiles`` (int32/int64 ``[n_tiles + 1]`` offsets ``0 = cu[0] <= ... <= cu[-1] = S``, same device),
+    q/k/v are ``[1, H, S, D]`` packed variable-length tiles and token i of tile t attends exactly to the tokens of
+    tile t (block-diagonal); out ``[1, H, S, D]``."""
+    _check(q, k, v)
+    max_tile_len = _check_cu_tiles(q, cu_tiles) if cu_tiles is not None else 0
     _check_norm(q, q_norm_weight, k_norm_weight, norm_eps)
     if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and softmax_scale > 0):
         raise ValueError(f"nvlm_kernels.tiled_attention: argument 'softmax_scale' must be a float > 0, "
                          f"got {softmax_scale!r}")
     if dispatch.needs_grad(q, k, v, q_norm_weight, k_norm_weight):
-        return tiled_attention_ref(q, k, v, softmax_scale, q_norm_weight, k_norm_weight, norm_eps)
+        return tiled_attention_ref(q, k, v, softmax_scale, q_norm_weight, k_norm_weight, norm_eps, cu_tiles)
     implemented = _IMPLEMENTED
     if q.device.type == "cuda" and q.dtype == torch.float32 and dispatch.forced_backend() is None:
         implemented = ("ref",)  # the Triton kernel's fp32 (IEEE) dots spill: see _CONFIGS_FP32
@@ -464,8 +652,8 @@ def tiled_attention(q, k, v, *, softmax_scale=None, cu_tiles=None, q_norm_weight
         _check_triton_head_dim(q)
         scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
         return torch.ops.nvlm_kernels.tiled_attention_triton(q, k, v, scale, q_norm_weight, k_norm_weight,
-                                                             float(norm_eps))
-    return tiled_attention_ref(q, k, v, softmax_scale, q_norm_weight, k_norm_weight, norm_eps)
+                                                             float(norm_eps), cu_tiles, max_tile_len)
+    return tiled_attention_ref(q, k, v, softmax_scale, q_norm_weight, k_norm_weight, norm_eps, cu_tiles)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -477,7 +665,8 @@ _TRITON_PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "
 def gate_specs(capability: int | None = None) -> list[dict]:
     """Every (kernel, candidate config, dtype) the package launches at NVLM-D-72B's InternViT shape: T=7 tiles,
     H=25 heads, N=1025 tokens, D=128, with and without the fused QK-norm, bf16 (the model's dtype) and fp16 (the
-    triton backend serves fp16 CUDA tensors the same way). Keys as in ``nvlm_kernels.gpu_gate``.
+    triton backend serves fp16 CUDA tensors the same way); the same for the varlen (``cu_tiles``) kernel on those
+    tiles packed as ``[1, H, S, D]``. Keys as in ``nvlm_kernels.gpu_gate``.
 
     ``capability``: 90 (sm_90, default when no GPU is visible) or 80; default = the current CUDA device's.
     D = 64/80/96 are not NVLM-D-72B shapes: their candidate lists are not gated (the interpreter tests cover the
@@ -513,6 +702,23 @@ def gate_specs(capability: int | None = None) -> list[dict]:
                     num_warps=warps, num_stages=stages, hot_path=True, tensor_cores=True,
                     shape=f"T=7 H=25 N=1025 D={d} {tname}{' +qk-norm' if norm else ''}",
                     divisible_by_16=[a for a in attn_sig if a not in ("H", "N", "qk_scale")]))
+        # The varlen kernel (cu_tiles): same candidates, same inner loop; gated at the same tile size, packed.
+        varlen_sig = {"Q": ptr, "K": ptr, "V": ptr, "Out": ptr, "CU_TILES": "*i32", "RSTD_Q": "*fp32",
+                      "RSTD_K": "*fp32", "WQ": ptr, "WK": ptr}
+        for name in ("q", "k", "v", "o"):
+            for axis in ("h", "n"):
+                varlen_sig[f"stride_{name}{axis}"] = "i32"
+        varlen_sig.update({"H": "i32", "MAX_LEN_P2": "i32", "qk_scale": "fp32"})
+        for norm in (False, True):
+            for bm, bn, warps, stages in _candidates(d, dtype, major, norm):
+                specs.append(dict(
+                    name=f"tiled_attention_varlen{'_qknorm' if norm else ''}_d{d}_{tname}_m{bm}n{bn}w{warps}s{stages}",
+                    fn=_attn_fwd_varlen_kernel, signature=dict(varlen_sig),
+                    constexprs=dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_M=bm, BLOCK_N=bn, NORM=norm, DOT_PRECISION="tf32"),
+                    num_warps=warps, num_stages=stages, hot_path=True, tensor_cores=True,
+                    shape=f"cu_tiles: 7 packed tiles <= 1025 tokens, H=25 D={d} {tname}{' +qk-norm' if norm else ''}",
+                    # MAX_LEN_P2 = 1024 or 2048 is a multiple of 16 too, but is unused by the kernel: no hint needed
+                    divisible_by_16=[a for a in varlen_sig if a not in ("H", "MAX_LEN_P2", "qk_scale")]))
         stats_sig = {"Q": ptr, "K": ptr, "RSTD_Q": "*fp32", "RSTD_K": "*fp32",
                      "stride_qt": "i32", "stride_qh": "i32", "stride_qn": "i32",
                      "stride_kt": "i32", "stride_kh": "i32", "stride_kn": "i32",

@@ -12,6 +12,8 @@ linears, norms near 1) so activations stay O(1) through the tower and the decode
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 import os
 from pathlib import Path
@@ -74,15 +76,34 @@ def random_model(preset: str | NVLMConfig = "tiny-d", seed: int = 0, dtype: torc
     return model.to(dtype).eval()
 
 
-def make_checkpoint(path: str | os.PathLike, preset: str = "tiny-d", seed: int = 0,
+def sized_config(params: float, preset: str = "tiny-d") -> NVLMConfig:
+    """``preset`` with its decoder widened and deepened to about ``params`` parameters in all (e.g. 7.5e8 for a
+    1.5 GB bf16 checkpoint): hidden 2048, intermediate 5632 (both multiples of 128, so int4 g128 fits every
+    decoder Linear), 16 heads / 4 KV heads, and as many layers (>= 1) as the budget allows. For memory benchmarks."""
+    from nvlm.model import NVLM
+
+    config = NVLMConfig.preset(preset)
+    config.llm = dataclasses.replace(config.llm, hidden_size=2048, intermediate_size=5632, num_attention_heads=16,
+                                     num_key_value_heads=4, num_hidden_layers=1)
+    with torch.device("meta"):
+        one = sum(p.numel() for p in NVLM(config).parameters())
+        config.llm = dataclasses.replace(config.llm, num_hidden_layers=2)
+        per_layer = sum(p.numel() for p in NVLM(config).parameters()) - one
+    config.llm = dataclasses.replace(config.llm, num_hidden_layers=max(1, 1 + round((params - one) / per_layer)))
+    return config
+
+
+def make_checkpoint(path: str | os.PathLike, preset: str | NVLMConfig = "tiny-d", seed: int = 0,
                     dtype: torch.dtype = torch.bfloat16, num_shards: int = 3) -> Path:
-    """Write a random checkpoint of ``preset`` in the published layout into the new folder ``path``; return it."""
+    """Write a random checkpoint of ``preset`` in the published layout into the new folder ``path``; return it.
+
+    ``preset``: a preset name or an ``NVLMConfig`` (copied, not modified), e.g. :func:`sized_config`'s."""
     from nvlm.loading import save_pretrained
     from nvlm.model import NVLM
     from nvlm.tokenizer import build_tokenizer, save_tokenizer
 
     tok = build_tokenizer()
-    config = NVLMConfig.preset(preset)
+    config = NVLMConfig.preset(preset) if isinstance(preset, str) else copy.deepcopy(preset)
     size = tok.get_vocab_size()
     config.llm.vocab_size = max(config.llm.vocab_size, -(-size // 64) * 64)   # room for every tokenizer id
     config.llm.bos_token_id = tok.token_to_id("<|endoftext|>")

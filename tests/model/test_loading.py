@@ -326,3 +326,66 @@ def test_72b_parameter_counts():
     assert sd["language_model.lm_head.weight"].shape == (152064, 8192)
     # ViT: 4 embedding tensors + 13 per block; mlp1: 4; LLM: embed + 12 per layer + norm + lm_head
     assert len(sd) == 4 + 45 * 13 + 4 + 1 + 80 * 12 + 1 + 1 == 1556
+
+
+@pytest.mark.parametrize("rounding", ["rtn", "mse"])
+def test_streamed_quantisation_reads_row_blocks_and_matches_quantize_(checkpoint, monkeypatch, rounding):
+    """Quantise-while-streaming reads each float weight of a quantised Linear in row blocks (never whole: the float
+    weight is not held in memory) and gives exactly what quantize_ gives on the materialised model."""
+    from nvlm.quant import Int4WeightOnly, QuantLinear, quantize_
+
+    config = Int4WeightOnly(32, rounding=rounding)
+    direct = load(checkpoint, dtype=torch.float32)
+    quantize_(direct, config)
+
+    max_bytes = 1024                                    # 1 KiB blocks: every tiny-d weight takes several
+    monkeypatch.setattr(loading._RowBlocks.blocks, "__defaults__", (max_bytes,))
+    seen = {}
+    original = QuantLinear.set_weight_from_row_blocks
+
+    def spy(self, blocks, device=None):
+        sizes = []
+
+        def recorded():
+            for r0, rows in blocks:
+                sizes.append(rows.numel() * loading._ST_DTYPES["BF16"].itemsize)   # bytes read from the file
+                yield r0, rows
+        original(self, recorded(), device)
+        seen[self] = sizes
+
+    def refuse(self, weight, bias=None):
+        raise AssertionError("a float weight of a quantised Linear was materialised whole")
+
+    monkeypatch.setattr(QuantLinear, "set_weight_from_row_blocks", spy)
+    monkeypatch.setattr(QuantLinear, "set_weight_from_float", refuse)
+    streamed = load(checkpoint, dtype=torch.float32, quantization=config)
+    quantised = [m for m in streamed.modules() if isinstance(m, QuantLinear)]
+    assert quantised and set(seen) == set(quantised)
+    for m, sizes in seen.items():
+        row = m.in_features * 2
+        assert max(sizes) <= max(max_bytes, row)
+        assert sum(sizes) == m.in_features * m.out_features * 2          # every row exactly once
+    assert any(len(s) > 1 for s in seen.values())
+    a, b = direct.state_dict(), streamed.state_dict()
+    assert a.keys() == b.keys()
+    assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    assert streamed.quantization_config["rounding"] == rounding
+
+
+def test_gptq_is_refused_while_streaming_and_reloads_exactly(checkpoint, tmp_path):
+    from nvlm.quant import Int4WeightOnly, quantize_
+
+    with pytest.raises(ValueError, match="rounding='gptq'.*calibration"):
+        load(checkpoint, quantization=Int4WeightOnly(32, rounding="gptq"))
+    model = load(checkpoint, dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 1000, (2, 70), generator=g)
+    ids[:, 3:67] = model.config.img_context_token_id
+    px = torch.randn(2, 3, 224, 224, generator=g)
+    quantize_(model, Int4WeightOnly(32, rounding="gptq"), calibration=lambda m: m(ids, px))
+    out = model.save_pretrained(tmp_path / "gptq")
+    block = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert block["rounding"] == "gptq" and block["group_size"] == 32
+    again = load(out, dtype=torch.float32)                           # no calibration needed to reload
+    a, b = model.state_dict(), again.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -18,8 +18,11 @@ decoded in registers; decode) for ``M <= GEMV_MAX_M[device]``, else ``"gemm"`` (
 matmul; prefill). Thresholds: CPU 32 (the register-decoding kernel shares one decode across 8 x rows and costs a
 constant ~0.6 ms per row at K=8192, N=4096 on one Zen 4 core, vs 0.79 ms/row for dequantise + oneDNN at M=17 and
 0.59 at M=32, 0.44 at M=64: the crossover is ~32 rows), CUDA 8 (above it tensor-core GEMMs win; same number as the
-Triton backend's GEMV_MAX_M). csrc/common/quant_layout.h holds the same numbers for the C++/CUDA code; a test
-checks they agree.
+Triton backend's GEMV_MAX_M). Within the CPU GEMV range, ``TILE_MIN_M["cpu"] <= M`` is ``"tile"``: the AVX512-BF16
+kernel decodes a 16-row weight tile once into L1 and multiplies it with every x row (register-blocked vdpbf16ps);
+at K = N = 8192 on one Zen 4 core it beats the GEMV from M = 8 (int8 12.0 vs 16.8 ms, int4 11.8 vs 12.8) and loses
+at M = 4. CPUs without AVX512-BF16 run the GEMV there. csrc/common/quant_layout.h holds the same numbers for the
+C++/CUDA code; a test checks they agree.
 """
 
 from __future__ import annotations
@@ -33,17 +36,23 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 #: Largest M served by the GEMV kernels, per device type (see module docstring).
 GEMV_MAX_M = {"cpu": 32, "cuda": 8}
+#: Smallest M served by the tiled kernel (CPU, AVX512-BF16), up to GEMV_MAX_M (see module docstring).
+TILE_MIN_M = {"cpu": 8}
 
 
 def select_kernel(m: int, bits: int, device) -> str:
-    """THE routing rule for the quantised linear kernels: ``"gemv"`` for ``m <= GEMV_MAX_M[device]`` rows of x,
-    else ``"gemm"``. ``bits`` (4 or 8) is part of the contract so a format-specific threshold can be added in one
-    place; today both formats use the same numbers."""
+    """THE routing rule for the quantised linear kernels: ``"gemv"`` for ``m <= GEMV_MAX_M[device]`` rows of x
+    (``"tile"`` from ``TILE_MIN_M[device]`` rows where the device has a tiled kernel), else ``"gemm"``. ``bits`` (4
+    or 8) is part of the contract so a format-specific threshold can be added in one place; today both formats use
+    the same numbers. On a CPU without AVX512-BF16 the compiled op runs the GEMV where this says ``"tile"``."""
     if bits not in (4, 8):
         raise ValueError(f"nvlm_kernels.select_kernel: argument 'bits' must be 4 or 8, got {bits!r}")
     dev_type = torch.device(device).type
-    limit = GEMV_MAX_M.get(dev_type, GEMV_MAX_M["cpu"])
-    return "gemv" if m <= limit else "gemm"
+    if dev_type not in GEMV_MAX_M:
+        dev_type = "cpu"
+    if m > GEMV_MAX_M[dev_type]:
+        return "gemm"
+    return "tile" if m >= TILE_MIN_M.get(dev_type, m + 1) else "gemv"
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -120,8 +120,10 @@ NVLM_HOST_DEVICE inline uint16_t float_to_bf16_bits(float f) {
 // ---- Kernel choice by M (the number of activation rows) -------------------------------------------------------------
 // Mirrors nvlm_kernels.quant_linear.select_kernel (THE routing function; a test checks the numbers agree):
 // M <= kGemvMaxM* -> "gemv" (weights decoded in registers, streamed once), larger M -> "gemm" (dequantise weight
-// tiles, then a dense matmul: oneDNN on CPU, cuBLAS on CUDA).
+// tiles, then a dense matmul: oneDNN on CPU, cuBLAS on CUDA). On CPU with AVX512-BF16, kTileMinMCpu <= M <=
+// kGemvMaxMCpu -> "tile" (a weight tile decoded once into L1, register-blocked vdpbf16ps over all x rows).
 constexpr int64_t kGemvMaxMCpu = 32;
+constexpr int64_t kTileMinMCpu = 8;
 constexpr int64_t kGemvMaxMCuda = 8;
 
 }  // namespace quant

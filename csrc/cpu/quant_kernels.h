@@ -44,7 +44,18 @@ float scale_at(const void* scales, ScaleType t, int64_t i);
 // 128-wide chunk is permuted: position 32*r + i of a chunk holds k = 4*i + r (the order in which the kernel unpacks
 // nibbles from 16-bit words); for int8 the order is natural.
 constexpr int64_t kChunk = 128;
-void gemv_avx512bf16(const QWeight& w, const uint16_t* xparts, int parts, int64_t kpad, const Out& out);
+// xgsum fp32 [M][K/g]: per-group sums of x (int4 with parts <= 2 only, else unused). For bf16/fp16 x the int4
+// kernel decodes each nibble q as the bf16 bit pattern 0x4300 | q = 128 + q (exact; no table lookup) and removes
+// the offset once per row and group: sum_k x (q - z) s = s (sum_k x (128 + q) - (128 + z) sum_k x). The larger
+// partial sums cost some fp32 accumulation accuracy (~2^-24 * 143 * sum|x| * s), far below bf16/fp16 output
+// rounding; fp32 activations (3 parts) keep the exact table decode of (q - z).
+void gemv_avx512bf16(const QWeight& w, const uint16_t* xparts, int parts, int64_t kpad, const float* xgsum,
+                     const Out& out);
+// Tiled kernel for the middle range of M (quant_kernels_avx512.cpp): x and xgsum exactly as for the GEMV, x viewed
+// as `rows` bf16 rows of stride kpad (row m * parts + p is part p of x row m), rows = M * parts rounded up to a
+// multiple of 4, the extra rows zero.
+void tiled_avx512bf16(const QWeight& w, const uint16_t* xrows, int64_t rows, int parts, int64_t kpad,
+                      const float* xgsum, const Out& out);
 // Dequantise rows [n0, n1) to bf16 bits (dst [n1-n0, K]) or fp32 (dst [n1-n0, K]).
 void dequant_rows_avx512_bf16(const QWeight& w, int64_t n0, int64_t n1, uint16_t* dst, int threads);
 void dequant_rows_avx512_f32(const QWeight& w, int64_t n0, int64_t n1, float* dst, int threads);

@@ -15,6 +15,13 @@
 //    the products stay exact and only fp32 accumulation rounds, as in an fp32 matmul.
 // Several x rows (M <= 8 per block) share one decode of the weights; larger M loops over blocks while the row's
 // packed weights (K/2 bytes) stay in L1.
+//  * int4 with bf16 / fp16 x: the offset decode instead of the table: word lane = 0x4300 | q, which is the bf16
+//    bit pattern of 128 + q (exact for q < 128), one ternary-logic op per 32 weights and no vpermw. The offset and
+//    the zero point are removed once per row and group: sum_k x (q - z) s = s (sum_k x (128 + q) - (128 + z) S_g)
+//    with S_g = sum of x over the group (computed once per call, shared by all N rows). Products stay exact; the
+//    fp32 partial sums are ~10x larger, which costs ~2^-24 * 143 * s * sum|x| of accumulation error: far below
+//    bf16 / fp16 output rounding. fp32 x (3 parts) keeps the exact table decode.
+// For 8 <= M <= 32 the tiled kernel below is used instead (see there).
 //
 // Dequantise-to-tile (GEMM path for large M): the same table lookup, with index bits built so that 32-bit lane j
 // gets k = 2j in its low word and k = 2j+1 in its high word, i.e. natural order; then scaled in fp32.
@@ -72,19 +79,22 @@ NVLM_AVX512BF16 void scales_to_f32(const void* scales, ScaleType t, int64_t i0, 
 // Software prefetch distance for the weight stream (into L2). Measured on the 2-core Zen 4 dev machine, one thread
 // streaming a 121 MB int4 weight: none 10 GB/s, T0 at 1-4 KiB 11-12.5 GB/s, T1 at 4 KiB 14 GB/s (plain read loop:
 // 19-21 GB/s). The decode alone then no longer adds to the DRAM time. Past the end of the weights it is harmless.
+// Re-measured with the offset decode (one thread, CPU time, min of 12): T1 at 2 / 4 / 8 / 16 KiB 11.3 / 14.7-15.6 /
+// 14.7 / 14.1 GB/s, T2 at 4-16 KiB 14.3-15.8, T0 8.9, NTA 11.9 (torch sum, one thread: 22 GB/s); the decode alone
+// runs at ~21 GB/s per core from L2, so one core cannot stream faster than ~15 GB/s.
 constexpr int kPrefetchBytes = 4096;
 
 NVLM_AVX512BF16 inline __mmask64 byte_mask(int64_t nbytes) {
   return nbytes >= 64 ? ~__mmask64(0) : ((__mmask64(1) << nbytes) - 1);
 }
 
-// ---- int4 GEMV: one output row n, MB rows of x, P bf16 parts of x -------------------------------------------------
-// row: packed weights of n; s/z: its scales (fp32) and zeros; x: [MB][P][kpad] (chunk-permuted). Adds the
-// contribution of chunks [c0, c1) to acc[m] (MB vectors of 16 fp32 partial sums, summed by the caller).
-template <int G, int MB, int P>
-NVLM_AVX512BF16 void int4_row(const uint8_t* row, const float* s, const uint8_t* z, int64_t K, const uint16_t* x,
-                              int64_t kpad, int64_t c0, int64_t c1, float* acc_io) {
-  const int64_t ngroups = K / G;
+// Decode one 128-k chunk of a packed int4 row (wq: its 64 bytes; chunk index c) into four bf16 vectors: word lane
+// i of w_r holds k = 4i + r of the chunk. OFF: the offset code bf16(128 + q) (zero point removed later with the
+// per-group sums of x); else the exact bf16(q - z) by table lookup. sv: the scale of each fp32 lane's group.
+template <int G, bool OFF>
+NVLM_AVX512BF16 inline __attribute__((always_inline)) void int4_decode_chunk(
+    __m512i wq, const float* s, const uint8_t* z, int64_t c, int64_t ngroups, __m512i& w0, __m512i& w1, __m512i& w2,
+    __m512i& w3, __m512& sv) {
   const __m512i nib = _mm512_set1_epi16(0x000F);
   // Group-within-chunk bits of each 16-bit word lane i (k = 4i..4i+3): i*4/G, placed at bit 4 of the index.
   const __m512i gbits = _mm512_set_epi16(
@@ -98,22 +108,28 @@ NVLM_AVX512BF16 void int4_row(const uint8_t* row, const float* s, const uint8_t*
   const __m512i sidx = _mm512_set_epi32(15 * 8 / G, 14 * 8 / G, 13 * 8 / G, 12 * 8 / G, 11 * 8 / G, 10 * 8 / G,
                                         9 * 8 / G, 8 * 8 / G, 7 * 8 / G, 6 * 8 / G, 5 * 8 / G, 4 * 8 / G, 3 * 8 / G,
                                         2 * 8 / G, 1 * 8 / G, 0);
-  __m512 acc[MB];
-  for (int m = 0; m < MB; ++m) acc[m] = _mm512_loadu_ps(acc_io + 16 * m);
-
-  for (int64_t c = c0; c < c1; ++c) {
-    const int64_t k0 = c * kChunk;
-    const uint8_t* p = row + k0 / 2;
-    // K is a multiple of G >= 32, so a partial last chunk holds whole groups; masked-off bytes read as q = 0 and
-    // meet zero-padded x.
-    _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T1);
-    const __m512i wq = (k0 + kChunk <= K) ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(byte_mask((K - k0) / 2), p);
+  if constexpr (OFF) {  // word lane = 0x4300 | q = bf16(128 + q): one ternary-logic op per 32 weights
+    const __m512i hi = _mm512_set1_epi16(0x4300);
+    w0 = _mm512_ternarylogic_epi32(wq, nib, hi, 0xEA);  // (a & b) | c
+    w1 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(wq, 4), nib, hi, 0xEA);
+    w2 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(wq, 8), nib, hi, 0xEA);
+    w3 = _mm512_or_si512(_mm512_srli_epi16(wq, 12), hi);
+    if constexpr (G == 128) {
+      sv = _mm512_set1_ps(s[c]);
+    } else if constexpr (G == 64) {
+      const int64_t g0 = 2 * c, g1 = std::min<int64_t>(g0 + 1, ngroups - 1);
+      sv = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(s[g0]), _mm512_set1_ps(s[g1]));
+    } else {
+      const int64_t g0 = 4 * c;
+      const int64_t g1 = std::min<int64_t>(g0 + 1, ngroups - 1), g2 = std::min<int64_t>(g0 + 2, ngroups - 1),
+                    g3 = std::min<int64_t>(g0 + 3, ngroups - 1);
+      sv = _mm512_permutexvar_ps(sidx, _mm512_zextps128_ps512(_mm_set_ps(s[g3], s[g2], s[g1], s[g0])));
+    }
+  } else {
     __m512i i0 = _mm512_and_si512(wq, nib);
     __m512i i1 = _mm512_and_si512(_mm512_srli_epi16(wq, 4), nib);
     __m512i i2 = _mm512_and_si512(_mm512_srli_epi16(wq, 8), nib);
     __m512i i3 = _mm512_srli_epi16(wq, 12);
-    __m512i w0, w1, w2, w3;
-    __m512 sv;
     if constexpr (G == 128) {
       const __m512i tab = _mm512_zextsi256_si512(table16(z[c]));  // indices are < 16: the upper half is unused
       w0 = _mm512_permutexvar_epi16(i0, tab);
@@ -143,6 +159,29 @@ NVLM_AVX512BF16 void int4_row(const uint8_t* row, const float* s, const uint8_t*
       const __m512 s4 = _mm512_zextps128_ps512(_mm_set_ps(s[g3], s[g2], s[g1], s[g0]));
       sv = _mm512_permutexvar_ps(sidx, s4);
     }
+  }
+}
+
+// ---- int4 GEMV: one output row n, MB rows of x, P bf16 parts of x -------------------------------------------------
+// row: packed weights of n; s/z: its scales (fp32) and zeros; x: [MB][P][kpad] (chunk-permuted). Adds the
+// contribution of chunks [c0, c1) to acc[m] (MB vectors of 16 fp32 partial sums, summed by the caller).
+template <int G, int MB, int P, bool OFF>
+NVLM_AVX512BF16 void int4_row(const uint8_t* row, const float* s, const uint8_t* z, int64_t K, const uint16_t* x,
+                              int64_t kpad, int64_t c0, int64_t c1, float* acc_io) {
+  const int64_t ngroups = K / G;
+  __m512 acc[MB];
+  for (int m = 0; m < MB; ++m) acc[m] = _mm512_loadu_ps(acc_io + 16 * m);
+
+  for (int64_t c = c0; c < c1; ++c) {
+    const int64_t k0 = c * kChunk;
+    const uint8_t* p = row + k0 / 2;
+    // K is a multiple of G >= 32, so a partial last chunk holds whole groups; masked-off bytes read as q = 0 and
+    // meet zero-padded x.
+    _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T1);
+    const __m512i wq = (k0 + kChunk <= K) ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(byte_mask((K - k0) / 2), p);
+    __m512i w0, w1, w2, w3;
+    __m512 sv;
+    int4_decode_chunk<G, OFF>(wq, s, z, c, ngroups, w0, w1, w2, w3, sv);
     for (int m = 0; m < MB; ++m) {
       const uint16_t* xm = x + (int64_t)m * P * kpad + k0;
       if constexpr (MB >= 4) {  // enough independent x rows to hide the dpbf16 latency with one chain each
@@ -206,23 +245,26 @@ using Int4Fn = void (*)(const uint8_t*, const float*, const uint8_t*, int64_t, c
                         int64_t, float*);
 using Int8Fn = void (*)(const int8_t*, int64_t, const uint16_t*, int64_t, int64_t, int64_t, float*);
 
-template <int G, int P>
+template <int G, int P, bool OFF>
 Int4Fn int4_fn_mb(int mb) {
   switch (mb) {
-    case 1: return &int4_row<G, 1, P>;
-    case 2: return &int4_row<G, 2, P>;
-    case 3: return &int4_row<G, 3, P>;
-    case 4: return &int4_row<G, 4, P>;
-    case 5: return &int4_row<G, 5, P>;
-    case 6: return &int4_row<G, 6, P>;
-    case 7: return &int4_row<G, 7, P>;
-    default: return &int4_row<G, 8, P>;
+    case 1: return &int4_row<G, 1, P, OFF>;
+    case 2: return &int4_row<G, 2, P, OFF>;
+    case 3: return &int4_row<G, 3, P, OFF>;
+    case 4: return &int4_row<G, 4, P, OFF>;
+    case 5: return &int4_row<G, 5, P, OFF>;
+    case 6: return &int4_row<G, 6, P, OFF>;
+    case 7: return &int4_row<G, 7, P, OFF>;
+    default: return &int4_row<G, 8, P, OFF>;
   }
 }
 
+// bf16 / fp16 activations (1 / 2 parts): offset decode (bf16(128 + q), zero point corrected per group at the end);
+// fp32 activations (3 parts): the exact centred table, so fp32 inputs keep fp32-level error (see header comment).
 template <int G>
 Int4Fn int4_fn_p(int parts, int mb) {
-  return parts == 1 ? int4_fn_mb<G, 1>(mb) : parts == 2 ? int4_fn_mb<G, 2>(mb) : int4_fn_mb<G, 3>(mb);
+  return parts == 1 ? int4_fn_mb<G, 1, true>(mb) : parts == 2 ? int4_fn_mb<G, 2, true>(mb)
+                                                              : int4_fn_mb<G, 3, false>(mb);
 }
 
 Int4Fn int4_fn(int64_t group, int parts, int mb) {
@@ -247,6 +289,28 @@ Int8Fn int8_fn(int parts, int mb) {
   return parts == 1 ? int8_fn_mb<1>(mb) : parts == 2 ? int8_fn_mb<2>(mb) : int8_fn_mb<3>(mb);
 }
 
+// Zero-point term of the offset decode for one weight row: cz[g] = s[g] * (128 + z[g]).
+NVLM_AVX512BF16 void offset_terms(const float* s, const uint8_t* z, int64_t ngroups, float* cz) {
+  int64_t g = 0;
+  const __m512 c128 = _mm512_set1_ps(128.f);
+  for (; g + 16 <= ngroups; g += 16) {
+    const __m512 zf = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(z + g))));
+    _mm512_storeu_ps(cz + g, _mm512_mul_ps(_mm512_loadu_ps(s + g), _mm512_add_ps(zf, c128)));
+  }
+  for (; g < ngroups; ++g) cz[g] = s[g] * (128.f + static_cast<float>(z[g] & 15));
+}
+
+NVLM_AVX512BF16 float dot_f32(const float* a, const float* b, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  if (i < n) {
+    const __mmask16 k = static_cast<__mmask16>((1u << (n - i)) - 1);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, a + i), _mm512_maskz_loadu_ps(k, b + i), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
 constexpr int kMaxMB = 8;   // x rows sharing one decode of the weights
 constexpr int64_t kTileN = 16;  // output rows per k-blocked tile
 
@@ -257,7 +321,7 @@ constexpr int64_t kTileN = 16;  // output rows per k-blocked tile
 // while every row of the tile uses it; the tile's packed weights (<= 16 x 4 KiB at K = 8192) stay in L2 across the
 // x blocks, so DRAM sees each weight byte once. For M = 1 the whole of x fits in L1 and there is one k-block.
 NVLM_AVX512BF16 void gemv_avx512bf16(const QWeight& w, const uint16_t* xparts, int parts, int64_t kpad,
-                                     const Out& out) {
+                                     const float* xgsum, const Out& out) {
   const int64_t N = w.N, K = w.K, M = out.M;
   const int64_t ngroups = w.bits == 4 ? K / w.group : 1;
   const int64_t nblocks = (M + kMaxMB - 1) / kMaxMB;
@@ -279,7 +343,8 @@ NVLM_AVX512BF16 void gemv_avx512bf16(const QWeight& w, const uint16_t* xparts, i
   const int64_t ntiles = (N + kTileN - 1) / kTileN;
 #pragma omp parallel num_threads(out.threads)
   {
-    std::vector<float> srow(kTileN * ngroups);
+    std::vector<float> srow(kTileN * ngroups), cz(ngroups);
+    const bool offset = w.bits == 4 && parts <= 2;  // the int4 kernels chosen above decode bf16(128 + q)
     alignas(64) float acc[kTileN][kMaxMB * 16];
     // Dynamic: on a shared machine one thread is often descheduled for a time slice; with a static split the call
     // then waits for it (measured: M=16 took 2x its single-thread CPU time with 2 threads). Tiles are 16 rows
@@ -311,8 +376,184 @@ NVLM_AVX512BF16 void gemv_avx512bf16(const QWeight& w, const uint16_t* xparts, i
           const int64_t n = n0 + i;
           const float b = out.bias ? out.bias[n] : 0.f;
           const float s8 = w.bits == 8 ? srow[i] : 1.f;
-          for (int m = 0; m < mb; ++m)
-            out.y[(m0 + m) * N + n] = _mm512_reduce_add_ps(_mm512_load_ps(acc[i] + 16 * m)) * s8 + b;
+          if (offset) offset_terms(&srow[i * ngroups], w.zeros + n * ngroups, ngroups, cz.data());
+          for (int m = 0; m < mb; ++m) {
+            // offset decode: sum_k x (q - z) s = sum_g s_g (sum_{k in g} x (128 + q) - (128 + z_g) sum_{k in g} x)
+            const float corr = offset ? dot_f32(cz.data(), xgsum + (m0 + m) * ngroups, ngroups) : 0.f;
+            out.y[(m0 + m) * N + n] = (_mm512_reduce_add_ps(_mm512_load_ps(acc[i] + 16 * m)) - corr) * s8 + b;
+          }
+        }
+      }
+    }
+  }
+}
+
+// ---- Tiled kernel for a few to a few dozen x rows (quant::kTileMinMCpu <= M <= quant::kGemvMaxMCpu) ---------------
+// The GEMV above decodes the weights in registers and streams x from L1 for every weight vector: one x load per
+// vdpbf16ps, the decode repeated for every block of 8 x rows, and a scale FMA per row and chunk. When M is large
+// enough to be compute-bound, this path instead decodes a tile of kBN weight rows x kBK columns ONCE into an L1
+// buffer of exact bf16 values (int4: the GEMV's chunk decode, offset code or q - z, plus per-lane chunk scales;
+// int8: q in natural order) and multiplies it with every x row by a register-blocked micro-kernel: kMR x rows x NR
+// weight rows of 16-lane fp32 accumulators (lanes = k pairs, reduced horizontally at the end), so each loaded
+// vector feeds several vdpbf16ps. int4 scales are applied per 128-k chunk with one FMA per accumulator (1 per 4
+// vdpbf16ps: the int4 path's main overhead); the int8 per-channel scale multiplies the final sum. Accumulators
+// live in a per-thread fp32 buffer tot[rows][kBN][16] between k blocks. fp16 / fp32 x are split into 2 / 3 bf16
+// parts handled as extra x rows (2x / 3x the multiply work) and summed at the end.
+// One thread, K = N = 8192, M = 16 (CPU time): int8 18.5 ms (GEMV 31.4), int4 19.0 (GEMV 21.3), bf16 dense 19.3;
+// without the decode int8 would take 13.1 (= vdpbf16ps peak): the int8 -> bf16 conversion (2x vpmovsxbd,
+// 2x vcvtdq2ps, vcvtne2ps2bf16 per 32 weights) is its remaining overhead. Prefetching the next blocks' packed
+// weights made no measurable difference (the decode is compute-bound).
+namespace {
+
+constexpr int64_t kBN = 16;   // weight rows per tile (decoded once per k block, shared by all x rows)
+constexpr int64_t kBK = 256;  // k per block: 8 KiB of decoded weights + (rows x 512 B) of x stay in L1 (512: int8 -8%)
+constexpr int kMR = 4;        // x rows per micro-tile (x rows are padded to a multiple of kMR with zeros)
+
+// Rows [n0, n0 + kBN) x columns [k0, k1) of the weight -> wb[kBN][kBK] bf16 bits. int8: exact q, natural k order,
+// columns >= K read as 0; (k1 - k0) % 32 == 0. int4: the GEMV's chunk decode (int4_decode_chunk: chunk-permuted
+// order, offset code bf16(128 + q) if OFF else exact q - z), and the per-lane scales of each chunk in
+// sb[kBN][kBK / 128][16] (srow: the tile's scales, fp32 [kBN][K/g]); k0 % 128 == 0. Rows >= N are zeros.
+template <bool OFF>
+NVLM_AVX512BF16 void decode_tile(const QWeight& w, int64_t n0, int64_t k0, int64_t k1, const float* srow,
+                                 uint16_t* wb, float* sb) {
+  const int64_t K = w.K, ngroups = w.bits == 4 ? K / w.group : 1;
+  for (int64_t i = 0; i < kBN; ++i) {
+    const int64_t n = n0 + i;
+    uint16_t* d = wb + i * kBK - k0;  // d[k] for k in [k0, k1)
+    if (n >= w.N) {  // zero weights and (int4) zero scales: finite garbage-free products for the unused rows
+      std::fill(d + k0, d + k1, uint16_t(0));
+      if (w.bits == 4) std::fill(sb + i * (kBK / kChunk) * 16, sb + (i + 1) * (kBK / kChunk) * 16, 0.f);
+      continue;
+    }
+    if (w.bits == 4) {
+      const uint8_t* row = static_cast<const uint8_t*>(w.qweight) + n * (K / 2);
+      for (int64_t k = k0; k < k1; k += kChunk) {
+        const uint8_t* p = row + k / 2;
+        const __m512i wq = (k + kChunk <= K) ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(byte_mask((K - k) / 2), p);
+        __m512i w0, w1, w2, w3;
+        __m512 sv;
+        const int64_t c = k / kChunk;
+        switch (w.group) {  // (a switch per chunk: the branch is perfectly predicted)
+          case 32: int4_decode_chunk<32, OFF>(wq, srow + i * ngroups, w.zeros + n * ngroups, c, ngroups, w0, w1, w2, w3, sv); break;
+          case 64: int4_decode_chunk<64, OFF>(wq, srow + i * ngroups, w.zeros + n * ngroups, c, ngroups, w0, w1, w2, w3, sv); break;
+          default: int4_decode_chunk<128, OFF>(wq, srow + i * ngroups, w.zeros + n * ngroups, c, ngroups, w0, w1, w2, w3, sv);
+        }
+        _mm512_store_si512(d + k, w0);
+        _mm512_store_si512(d + k + 32, w1);
+        _mm512_store_si512(d + k + 64, w2);
+        _mm512_store_si512(d + k + 96, w3);
+        _mm512_store_ps(sb + (i * (kBK / kChunk) + (k - k0) / kChunk) * 16, sv);
+      }
+    } else {
+      const int8_t* row = static_cast<const int8_t*>(w.qweight) + n * K;
+      for (int64_t k = k0; k < k1; k += 32) {
+        const __m256i b = (k + 32 <= K) ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k))
+                                        : _mm256_maskz_loadu_epi8((__mmask32)byte_mask(K - k), row + k);
+        const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
+        const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
+        _mm512_store_si512(d + k, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));  // exact: |q| <= 128
+      }
+    }
+  }
+}
+
+// int8 micro-kernel: tot[r][i] += sum_{k < nk} x[r][k] * wb[i][k] for r < kMR, i < NR.
+// x: kMR rows of stride xstride; wb: NR rows of stride kBK; tot: [kMR][kBN][16] (row stride kBN * 16).
+template <int NR>
+NVLM_AVX512BF16 void micro_int8(const uint16_t* x, int64_t xstride, const uint16_t* wb, int64_t nk, float* tot) {
+  __m512 acc[kMR][NR];
+  for (int r = 0; r < kMR; ++r)
+    for (int i = 0; i < NR; ++i) acc[r][i] = _mm512_loadu_ps(tot + (r * kBN + i) * 16);
+  for (int64_t k = 0; k < nk; k += 32) {
+    __m512i wv[NR];
+    for (int i = 0; i < NR; ++i) wv[i] = _mm512_load_si512(wb + i * kBK + k);
+    for (int r = 0; r < kMR; ++r) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + r * xstride + k);
+      for (int i = 0; i < NR; ++i) acc[r][i] = _mm512_dpbf16_ps(acc[r][i], (__m512bh)wv[i], xv);
+    }
+  }
+  for (int r = 0; r < kMR; ++r)
+    for (int i = 0; i < NR; ++i) _mm512_storeu_ps(tot + (r * kBN + i) * 16, acc[r][i]);
+}
+
+// int4 micro-kernel: the same per 128-k chunk, each chunk's sums times its per-lane scales sb[i][chunk]:
+// tot[r][i] += sum_c sb[i][c] * sum_{k in c} x[r][k] * wb[i][k]   (sb: NR rows of stride kBK / 128 vectors).
+template <int NR>
+NVLM_AVX512BF16 void micro_int4(const uint16_t* x, int64_t xstride, const uint16_t* wb, int64_t nk, const float* sb,
+                                float* tot) {
+  __m512 acc[kMR][NR];
+  for (int r = 0; r < kMR; ++r)
+    for (int i = 0; i < NR; ++i) acc[r][i] = _mm512_loadu_ps(tot + (r * kBN + i) * 16);
+  for (int64_t k0 = 0; k0 < nk; k0 += kChunk) {
+    __m512 a[kMR][NR];
+    for (int r = 0; r < kMR; ++r)
+      for (int i = 0; i < NR; ++i) a[r][i] = _mm512_setzero_ps();
+    for (int64_t k = k0; k < k0 + kChunk; k += 32) {
+      __m512i wv[NR];
+      for (int i = 0; i < NR; ++i) wv[i] = _mm512_load_si512(wb + i * kBK + k);
+      for (int r = 0; r < kMR; ++r) {
+        const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + r * xstride + k);
+        for (int i = 0; i < NR; ++i) a[r][i] = _mm512_dpbf16_ps(a[r][i], (__m512bh)wv[i], xv);
+      }
+    }
+    for (int i = 0; i < NR; ++i) {
+      const __m512 sv = _mm512_load_ps(sb + (i * (kBK / kChunk) + k0 / kChunk) * 16);
+      for (int r = 0; r < kMR; ++r) acc[r][i] = _mm512_fmadd_ps(a[r][i], sv, acc[r][i]);
+    }
+  }
+  for (int r = 0; r < kMR; ++r)
+    for (int i = 0; i < NR; ++i) _mm512_storeu_ps(tot + (r * kBN + i) * 16, acc[r][i]);
+}
+
+constexpr int kNR8 = 4;  // weight rows per int8 micro-tile: 16 accumulators + 4 weight vectors
+constexpr int kNR4 = 2;  // per int4 micro-tile: 8 accumulators + 8 per-group sums + 2 weight vectors
+
+}  // namespace
+
+NVLM_AVX512BF16 void tiled_avx512bf16(const QWeight& w, const uint16_t* xrows, int64_t rows, int parts, int64_t kpad,
+                                      const float* xgsum, const Out& out) {
+  const int64_t N = w.N, K = w.K, M = out.M;
+  const int64_t ngroups = w.bits == 4 ? K / w.group : 1;
+  // columns covered: int8 whole 32-column steps, int4 whole 128-column chunks (x is zero beyond K)
+  const int64_t kr = w.bits == 8 ? (K + 31) / 32 * 32 : (K + kChunk - 1) / kChunk * kChunk;
+  const int64_t ntiles = (N + kBN - 1) / kBN;
+#pragma omp parallel num_threads(out.threads)
+  {
+    alignas(64) uint16_t wb[kBN * kBK];
+    alignas(64) float sb[kBN * (kBK / kChunk) * 16];
+    std::vector<float> tot(rows * kBN * 16), srow(kBN * ngroups, 0.f), cz(ngroups);
+    const bool offset = w.bits == 4 && parts <= 2;  // same choice as the GEMV (quant_kernels.h)
+    // Dynamic: on a shared machine a descheduled thread must not hold back the whole call (see the GEMV).
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < ntiles; ++t) {
+      const int64_t n0 = t * kBN, nt = std::min(kBN, N - n0);
+      scales_to_f32(w.scales, w.stype, n0 * ngroups, nt * ngroups, srow.data());
+      std::fill(tot.begin(), tot.end(), 0.f);
+      for (int64_t k0 = 0; k0 < kr; k0 += kBK) {
+        const int64_t k1 = std::min(kr, k0 + kBK);
+        if (offset) decode_tile<true>(w, n0, k0, k1, srow.data(), wb, sb);
+        else decode_tile<false>(w, n0, k0, k1, srow.data(), wb, sb);
+        for (int64_t rb = 0; rb < rows; rb += kMR) {
+          const uint16_t* xb = xrows + rb * kpad + k0;
+          if (w.bits == 8) {
+            for (int64_t nb = 0; nb < kBN; nb += kNR8)
+              micro_int8<kNR8>(xb, kpad, wb + nb * kBK, k1 - k0, &tot[(rb * kBN + nb) * 16]);
+          } else {
+            for (int64_t nb = 0; nb < kBN; nb += kNR4)
+              micro_int4<kNR4>(xb, kpad, wb + nb * kBK, k1 - k0, sb + nb * (kBK / kChunk) * 16,
+                               &tot[(rb * kBN + nb) * 16]);
+          }
+        }
+      }
+      for (int64_t i = 0; i < nt; ++i) {
+        const int64_t n = n0 + i;
+        const float b = out.bias ? out.bias[n] : 0.f;
+        const float s8 = w.bits == 8 ? srow[i] : 1.f;
+        if (offset) offset_terms(&srow[i * ngroups], w.zeros + n * ngroups, ngroups, cz.data());
+        for (int64_t m = 0; m < M; ++m) {
+          float v = offset ? -dot_f32(cz.data(), xgsum + m * ngroups, ngroups) : 0.f;
+          for (int p = 0; p < parts; ++p) v += _mm512_reduce_add_ps(_mm512_loadu_ps(&tot[((m * parts + p) * kBN + i) * 16]));
+          out.y[m * N + n] = v * s8 + b;
         }
       }
     }

@@ -272,19 +272,8 @@ at::Tensor gemm_fallback(const at::Tensor& x2, const at::Tensor& w, const std::o
 
 at::Tensor w4a16_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                              const at::Tensor& zeros, int64_t group_size, const std::optional<at::Tensor>& bias) {
-  NVLM_CHECK_ARG(qweight.scalar_type() == at::kByte, "qweight", "must be uint8, got ", qweight.scalar_type());
-  NVLM_CHECK_DIM(qweight, "qweight", 2);
-  const int64_t n = qweight.size(0), k = 2 * qweight.size(1);
-  NVLM_CHECK_ARG(q::valid_group_size(group_size), "group_size", "must be 32, 64 or 128, got ", group_size);
-  NVLM_CHECK_ARG(k % group_size == 0, "group_size", "K=", k, " is not a multiple of group_size=", group_size);
-  nvlm::check_quant_linear_common("w4a16_linear", x, qweight, scales, bias, n, k);
-  const int64_t g = k / group_size;
-  NVLM_CHECK_ARG(scales.dim() == 2 && scales.size(0) == n && scales.size(1) == g, "scales", "must have shape [", n,
-                 ", ", g, "], got ", scales.sizes());
-  NVLM_CHECK_ARG(zeros.scalar_type() == at::kByte && zeros.dim() == 2 && zeros.size(0) == n && zeros.size(1) == g,
-                 "zeros", "must be uint8 [", n, ", ", g, "], got ", zeros.scalar_type(), " ", zeros.sizes());
-  NVLM_CHECK_CONTIGUOUS(zeros, "zeros");
-  NVLM_CHECK_SAME_DEVICE(x, "x", zeros, "zeros");
+  const nvlm::QuantShape sh = nvlm::check_w4a16_args(x, qweight, scales, zeros, group_size, bias);
+  const int64_t n = sh.n, k = sh.k;
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t m = k > 0 ? x.numel() / k : 0;
   if (m == 0 || n == 0) return at::zeros(out_shape(x, n), x.options());
@@ -322,11 +311,8 @@ at::Tensor w4a16_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, con
 
 at::Tensor w8a16_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
                              const std::optional<at::Tensor>& bias) {
-  NVLM_CHECK_ARG(qweight.scalar_type() == at::kChar, "qweight", "must be int8, got ", qweight.scalar_type());
-  NVLM_CHECK_DIM(qweight, "qweight", 2);
-  const int64_t n = qweight.size(0), k = qweight.size(1);
-  nvlm::check_quant_linear_common("w8a16_linear", x, qweight, scale, bias, n, k);
-  NVLM_CHECK_ARG(scale.dim() == 1 && scale.size(0) == n, "scale", "must have shape [", n, "], got ", scale.sizes());
+  const nvlm::QuantShape sh = nvlm::check_w8a16_args(x, qweight, scale, bias);
+  const int64_t n = sh.n, k = sh.k;
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t m = k > 0 ? x.numel() / k : 0;
   if (m == 0 || n == 0) return at::zeros(out_shape(x, n), x.options());

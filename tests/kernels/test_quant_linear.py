@@ -99,6 +99,54 @@ def test_w8a16_cpu(isa, m, k, n, dtype, with_bias):
 
 
 @needs_cpu_kernel
+@pytest.mark.parametrize("m", [7, 8, 9, 31, 32])  # around TILE_MIN_M / GEMV_MAX_M: GEMV <-> tiled kernel
+@pytest.mark.parametrize("k, n, g", [(96, 37, 32), (192, 29, 64), (640, 41, 128), (384, 16, 128)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_w4a16_cpu_tile_boundaries(isa, m, k, n, g, dtype):
+    """The tiled kernel's edges: x rows not a multiple of its 4-row micro-tile, N not a multiple of its 16-row weight
+    tile (37, 29, 41), K not a multiple of its 256-column block or of a 128-k chunk (96, 192, 640), with bias."""
+    qw, s, z = make_int4(n, k, g)
+    x = torch.randn(m, k).to(dtype)
+    bias = torch.randn(n).to(dtype)
+    with nvlm_kernels.force_backend("cpu"):
+        y = w4a16_linear(x, qw, s, z, g, bias)
+    check_close(y, x, dequantize_int4(qw, s, z, g), bias)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("m", [7, 8, 9, 31, 32])
+@pytest.mark.parametrize("k, n", [(100, 33), (300, 17), (544, 64)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_w8a16_cpu_tile_boundaries(isa, m, k, n, dtype):
+    """As above for int8: K not a multiple of 32 (100, 300) or of the 256-column block (544), odd N."""
+    qw, s = make_int8(n, k)
+    x = torch.randn(m, k).to(dtype)
+    bias = torch.randn(n).to(dtype)
+    with nvlm_kernels.force_backend("cpu"):
+        y = w8a16_linear(x, qw, s, bias)
+    check_close(y, x, dequantize_int8(qw, s), bias)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("m", [1, 12])
+def test_int4_offset_decode_with_cancellation(m):
+    """bf16 / fp16 x use the offset decode bf16(128 + q) with the zero point removed per group via sums of x: check
+    it where that correction nearly cancels the sum (all weights at their zero point but one nibble per row), with
+    large-magnitude x of one sign, so a wrong per-group sum or offset would show as a large error."""
+    n, k, g = 40, 512, 128
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    zeros = torch.randint(0, 16, (n, k // g), dtype=torch.uint8)
+    q.copy_(zeros.repeat_interleave(g, dim=1))                      # w = 0 everywhere ...
+    q[:, 5] = (q[:, 5] + 1) % 16                                   # ... but one weight per row
+    qw, s = pack_int4(q), _exact_scales((n, k // g))
+    for dtype in (torch.bfloat16, torch.float16):
+        x = (torch.rand(m, k) * 100 + 50).to(dtype)
+        with nvlm_kernels.force_backend("cpu"):
+            y = w4a16_linear(x, qw, s, zeros, g)
+        check_close(y, x, dequantize_int4(qw, s, zeros, g), None)
+
+
+@needs_cpu_kernel
 @pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("m", [2, 20])
 def test_scale_dtypes_and_leading_dims(isa, scale_dtype, m):
@@ -233,7 +281,8 @@ def test_cuda_matches_truth(m, dtype):
 
 
 def test_select_kernel_rule_and_header_agree():
-    assert select_kernel(1, 4, "cpu") == "gemv" and select_kernel(32, 8, "cpu") == "gemv"
+    assert select_kernel(1, 4, "cpu") == "gemv" and select_kernel(7, 8, "cpu") == "gemv"
+    assert select_kernel(8, 4, "cpu") == "tile" and select_kernel(32, 8, "cpu") == "tile"
     assert select_kernel(33, 4, "cpu") == "gemm"
     assert select_kernel(8, 4, "cuda") == "gemv" and select_kernel(9, 8, "cuda") == "gemm"
     with pytest.raises(ValueError, match="'bits'"):
@@ -241,7 +290,9 @@ def test_select_kernel_rule_and_header_agree():
     header = open(os.path.join(ROOT, "csrc", "common", "quant_layout.h")).read()
     cpu = int(re.search(r"kGemvMaxMCpu = (\d+);", header).group(1))
     cuda = int(re.search(r"kGemvMaxMCuda = (\d+);", header).group(1))
+    tile = int(re.search(r"kTileMinMCpu = (\d+);", header).group(1))
     assert (cpu, cuda) == (quant_linear.GEMV_MAX_M["cpu"], quant_linear.GEMV_MAX_M["cuda"])
+    assert tile == quant_linear.TILE_MIN_M["cpu"]
 
 
 def test_triton_backend_is_routed_when_present():

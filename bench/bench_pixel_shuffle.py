@@ -18,7 +18,9 @@ CPU rows: compiled C++ kernel (``cpu``) vs the baselines, bf16 and fp32, twice:
 * ``cached-alloc``: a subprocess in which glibc keeps freed blocks (GLIBC_TUNABLES mmap/trim thresholds, what
   jemalloc/tcmalloc deployments get), so outputs land in already-mapped memory. This isolates the kernel's own
   memory traffic, and its baseline ``copy_prealloc`` (``dst.copy_(x)`` into an existing buffer, in the same run)
-  is the operation the machine's copy bandwidth is measured with.
+  is the operation the machine's copy bandwidth is measured with. These rows' backends are suffixed
+  `` [cached-alloc]`` (``cpu [cached-alloc]`` is the row the ">= 85% of copy bandwidth" target is judged on); the
+  unsuffixed rows include the page faults of a fresh output and are reported as they are.
 GPU rows (with a CUDA device): CUDA C++ kernel and Triton kernel vs eager, bf16.
 """
 
@@ -102,6 +104,9 @@ def _rows_for(device, dtype, backends: list[str], quick: bool, cached_alloc: boo
     args = _inputs(shape, dtype, dev, copies)
     dst = torch.empty_like(args[0][0])
     mode = "cached-alloc; " if cached_alloc else ""
+    # cached-alloc rows carry the mode in their backend name too, so no table can mix them up with the fresh-output
+    # rows of the same op/dtype: "cpu [cached-alloc]" is the figure the copy-bandwidth target is judged on.
+    tag = " [cached-alloc]" if cached_alloc else ""
     rows = []
     for op, eager in ((OP_LN, _eager_layernorm), (OP_PS, _eager_shuffle)):
         baselines = {"eager": harness.measure(eager, args_list=args, reps=reps, min_time_s=0.5)}
@@ -111,7 +116,7 @@ def _rows_for(device, dtype, backends: list[str], quick: bool, cached_alloc: boo
         elif dev.type == "cpu":
             baselines["clone"] = harness.measure(_clone, args_list=args, reps=reps, min_time_s=0.5)
         for name, timing in baselines.items():
-            rows.append(harness.make_row(op, shape, dtype, name, timing, bytes_moved=moved, limit="copy_gbps",
+            rows.append(harness.make_row(op, shape, dtype, name + tag, timing, bytes_moved=moved, limit="copy_gbps",
                                          device=dev, note=f"{mode}baseline; {copies} rotating inputs"))
         for backend in backends:
             fn = _backend_fns(backend)[0 if op == OP_PS else 1]
@@ -119,8 +124,8 @@ def _rows_for(device, dtype, backends: list[str], quick: bool, cached_alloc: boo
             note = f"{mode}{copies} rotating inputs"
             if dev.type == "cpu":
                 note += f"; isa {_ext.cpu_capability()}; {torch.get_num_threads()} threads; {_load_note()}"
-            rows.append(harness.make_row(op, shape, dtype, backend, timing, bytes_moved=moved, limit="copy_gbps",
-                                         baselines=baselines, device=dev, note=note))
+            rows.append(harness.make_row(op, shape, dtype, backend + tag, timing, bytes_moved=moved,
+                                         limit="copy_gbps", baselines=baselines, device=dev, note=note))
     return rows
 
 
@@ -159,8 +164,7 @@ def _table(rows: list[harness.Row]) -> str:
     lines = []
     for r in rows:
         sp = " ".join(f"x{v:.2f} vs {k}" for k, v in r.speedup.items())
-        mode = "cached-alloc" if r.note.startswith("cached-alloc") else ""
-        lines.append(f"{r.op:24s} {r.dtype:5s} {mode:12s} {r.backend:13s} {r.median_ms:8.2f} ms "
+        lines.append(f"{r.op:24s} {r.dtype:9s} {r.backend:28s} {r.median_ms:8.2f} ms "
                      f"(p20 {r.p20_ms:.2f}, p80 {r.p80_ms:.2f})  {r.gbps:6.2f} GB/s  "
                      f"{r.pct_of_limit:5.1f}% of copy  {sp}")
     return "\n".join(lines)

@@ -5,16 +5,23 @@
 //   * pixel_shuffle is four contiguous block copies per output row;
 //   * pixel_shuffle_layernorm reads the four source blocks of a row (4C = 12800 values, 25-51 KB: they stay in
 //     L1/L2 after the first pass), computes the fp32 mean, then the fp32 variance around it (two passes over cached
-//     data, as accurate as PyTorch's LayerNorm even when |mean| >> std), then writes the normalised row once.
+//     data, as accurate as PyTorch's LayerNorm even when |mean| >> std), and writes the normalised rows once, four
+//     rows at a time so that each loaded weight/bias vector serves four rows (pixel_shuffle_simd.inc).
 // Every byte of x is read from memory once and every byte of out written once. Outputs larger than the last-level
 // cache are written with non-temporal (streaming) stores: they bypass the cache and skip the read-for-ownership a
 // normal store does, so the traffic is read + write instead of read + read + write (glibc's memcpy does the same for
-// large copies). Large outputs also get transparent huge pages before the first write (advise_huge_pages): faulting
-// a fresh 46 MB output in 4 KB pages cost more than the kernel itself.
+// large copies). While a thread writes one group of rows it reads the next group's source rows from memory (their
+// plain sums, the first statistics pass, are computed in the same loop), so its reads and writes overlap. Large
+// outputs also get transparent huge pages before the first write (advise_huge_pages): faulting a fresh 46 MB output
+// in 4 KB pages cost more than the kernel itself.
 //
-// Three versions chosen at run time by nvlm::cpu_capability() (NVLM_KERNELS_CPU_ISA caps it): AVX-512, AVX2 and
-// scalar. bf16 <-> fp32 is done with integer shifts (round-to-nearest-even on the way back, NaN kept quiet), fp16
-// with F16C. Rows are split across OpenMP threads in chunks.
+// Versions chosen at run time by nvlm::cpu_capability() (NVLM_KERNELS_CPU_ISA caps it): AVX-512 (with an
+// AVX512_BF16 variant of the bf16 LayerNorm), AVX2 and scalar; the SIMD ones are one source,
+// pixel_shuffle_simd.inc, compiled per ISA. fp32 -> bf16 rounds to nearest even exactly like c10 (NaN kept quiet,
+// denormals kept), fp16 uses F16C. Rows are split across OpenMP threads in chunks.
+//
+// Environment (read on every call; for tests): NVLM_KERNELS_CPU_ISA=avx2|scalar caps the ISA,
+// NVLM_KERNELS_CPU_BF16=0 disables the AVX512_BF16 variant, NVLM_KERNELS_CPU_STREAM=1|0 forces streaming stores.
 #include <ATen/ATen.h>
 #if defined(__x86_64__) || defined(_M_X64)
 #define NVLM_PS_X86 1
@@ -30,7 +37,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "common/checks.h"
 #include "common/cpu_features.h"
@@ -124,8 +133,10 @@ void shuffle_rows(const char* x, char* out, Geometry g, int64_t elem_bytes) {
 
 #if defined(NVLM_PS_X86)  // the SIMD versions exist on x86-64 only; elsewhere cpu_capability() is scalar
 // ------------------------------------------------------------------------------------------------------------
-// AVX-512 version. The pragma gives every function in this region (and the OpenMP bodies outlined from them) the
-// target, so the intrinsics inline; nothing here runs unless cpu_capability() said AVX-512.
+// SIMD versions. The kernels are written once, in pixel_shuffle_simd.inc, over a small vector-ops struct `Ops`;
+// each ISA below defines its Ops and includes that file inside a `#pragma GCC target` region, so every function
+// of that copy (and the OpenMP bodies outlined from them) gets the target and the intrinsics inline. Nothing in a
+// region runs unless the run-time dispatch chose it.
 // ------------------------------------------------------------------------------------------------------------
 #pragma GCC push_options
 // GCC 12's intrinsic headers trip -Wmaybe-uninitialized on their own `__m512i __Y = __Y;` placeholders.
@@ -134,148 +145,108 @@ void shuffle_rows(const char* x, char* out, Geometry g, int64_t elem_bytes) {
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
 namespace avx512 {
 
-constexpr int kLanes = 16;  // fp32 values per vector
-
-inline __m512 load(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load(const at::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-inline __m512 load(const at::BFloat16* p) {  // bf16 is the high half of an fp32
-  const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
-}
-
-// fp32 -> bf16 rounding to nearest even, as c10::BFloat16 does: add 0x7FFF + (bit 16), keep the high half. A NaN
-// becomes the quiet NaN 0x7FC0 (adding could carry its payload into the exponent and make it an infinity).
-inline __m256i to_bf16(__m512 v) {
+// fp32 -> bf16 of 16 values, rounding to nearest even as c10::BFloat16 does (bits + 0x7FFF + bit 16, high half);
+// a NaN becomes the quiet NaN 0x7FC0 (adding could carry its payload into the exponent and make it an infinity).
+// Returns the rounded 32-bit patterns: the bf16 is the high half of each lane.
+inline __m512i round_bf16(__m512 v) {
   const __m512i u = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC00000));
-  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+  const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC00000));
 }
 
-// kStream: non-temporal store (the address must then be aligned to the store width: 64 B fp32, 32 B fp16/bf16).
-template <bool kStream>
-inline void store(float* p, __m512 v) {
-  if constexpr (kStream) _mm512_stream_ps(p, v);
-  else _mm512_storeu_ps(p, v);
-}
-template <bool kStream>
-inline void store16(void* p, __m256i h) {
-  if constexpr (kStream) _mm256_stream_si256(reinterpret_cast<__m256i*>(p), h);
-  else _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
-}
-template <bool kStream>
-inline void store(at::Half* p, __m512 v) {
-  store16<kStream>(p, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-template <bool kStream>
-inline void store(at::BFloat16* p, __m512 v) { store16<kStream>(p, to_bf16(v)); }
+struct Ops {
+  using V = __m512;
+  static constexpr int kLanes = 16;
+  static constexpr int kStoreAlign = 64;  // every store in store2 writes one aligned 64-byte line
+  static constexpr int kVecBytes = 64;
 
-// Sum over the 4 blocks of f(x) where f(x) = x (kSquares false) or (x - mean)^2 (kSquares true). Four independent
-// accumulators keep the adds throughput- rather than latency-bound.
-template <bool kSquares, typename T>
-inline float row_sum(const T* const src[4], int64_t C, float mean) {
-  const __m512 vm = _mm512_set1_ps(mean);
-  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-  float tail = 0.f;
-  auto term = [&](__m512 v, __m512 a) {
-    if constexpr (kSquares) {
-      const __m512 d = _mm512_sub_ps(v, vm);
-      return _mm512_fmadd_ps(d, d, a);
-    } else {
-      return _mm512_add_ps(v, a);
-    }
-  };
-  for (int blk = 0; blk < 4; ++blk) {
-    const T* p = src[blk];
-    int64_t k = 0;
-    for (; k + 4 * kLanes <= C; k += 4 * kLanes)
-      for (int u = 0; u < 4; ++u) acc[u] = term(load(p + k + u * kLanes), acc[u]);
-    for (; k + kLanes <= C; k += kLanes) acc[0] = term(load(p + k), acc[0]);
-    for (; k < C; ++k) {
-      const float d = to_float(p[k]) - (kSquares ? mean : 0.f);
-      tail += kSquares ? d * d : d;
-    }
+  static V zero() { return _mm512_setzero_ps(); }
+  static V set1(float v) { return _mm512_set1_ps(v); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static float reduce(V v) { return _mm512_reduce_add_ps(v); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static void stream_copy(char* dst, const char* src) {
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), _mm512_loadu_si512(reinterpret_cast<const void*>(src)));
   }
-  const __m512 s = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
-  return _mm512_reduce_add_ps(s) + tail;
-}
 
-template <bool kStream, typename T>
-inline void normalise_block(const T* p, int64_t C, float mean, float rstd, const float* w, const float* b, T* dst) {
-  const __m512 vm = _mm512_set1_ps(mean), vr = _mm512_set1_ps(rstd);
-  int64_t k = 0;
-  for (; k + kLanes <= C; k += kLanes) {
-    const __m512 y = _mm512_mul_ps(_mm512_sub_ps(load(p + k), vm), vr);
-    store<kStream>(dst + k, _mm512_fmadd_ps(y, _mm512_loadu_ps(w + k), _mm512_loadu_ps(b + k)));
+  template <bool kStream>
+  static void store2(float* p, V lo, V hi) {
+    if constexpr (kStream) _mm512_stream_ps(p, lo), _mm512_stream_ps(p + kLanes, hi);
+    else _mm512_storeu_ps(p, lo), _mm512_storeu_ps(p + kLanes, hi);
   }
-  for (; k < C; ++k) dst[k] = from_float<T>((to_float(p[k]) - mean) * rstd * w[k] + b[k]);
-}
-
-template <typename T>
-void layernorm_rows(const T* x, const float* w, const float* b, float eps, T* out, Geometry g, bool stream) {
-  const int64_t C = g.channels;
-  const float inv_width = 1.f / static_cast<float>(4 * C);
-  // A block can be streamed only if each 16-lane store is aligned: its start aligned and C a multiple of 16.
-  const int64_t store_bytes = kLanes * static_cast<int64_t>(sizeof(T));
-  stream = stream && C % kLanes == 0 && reinterpret_cast<uintptr_t>(out) % store_bytes == 0;
-#pragma omp parallel
-  {
-#pragma omp for schedule(dynamic, kRowsPerChunk)
-    for (int64_t r = 0; r < g.rows; ++r) {
-      const T* src[4];
-      source_rows(x, r, g, src);
-      const float mean = row_sum<false>(src, C, 0.f) * inv_width;
-      const float rstd = 1.f / std::sqrt(row_sum<true>(src, C, mean) * inv_width + eps);
-      T* dst = out + r * 4 * C;
-      for (int blk = 0; blk < 4; ++blk) {
-        if (stream)
-          normalise_block<true>(src[blk], C, mean, rstd, w + blk * C, b + blk * C, dst + blk * C);
-        else
-          normalise_block<false>(src[blk], C, mean, rstd, w + blk * C, b + blk * C, dst + blk * C);
-      }
-    }
-    if (stream) _mm_sfence();  // make this thread's streaming stores visible before the parallel region ends
+  // fp16 (F16C conversions, round to nearest even)
+  static V load(const at::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  template <bool kStream>
+  static void store2(at::Half* p, V lo, V hi) {
+    constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    const __m512i h = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtps_ph(lo, kRound)),
+                                         _mm512_cvtps_ph(hi, kRound), 1);
+    store_bits<kStream>(p, h);
   }
-}
-
-// memcpy with 64-byte non-temporal stores (after an unaligned head that brings dst to a 64-byte boundary).
-inline void copy_stream(char* dst, const char* src, int64_t n) {
-  const int64_t head = std::min<int64_t>(n, static_cast<int64_t>((64 - reinterpret_cast<uintptr_t>(dst) % 64) % 64));
-  std::memcpy(dst, src, head);
-  int64_t k = head;
-  for (; k + 256 <= n; k += 256)
-    for (int u = 0; u < 4; ++u)
-      _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + k + 64 * u),
-                          _mm512_loadu_si512(reinterpret_cast<const void*>(src + k + 64 * u)));
-  for (; k + 64 <= n; k += 64)
-    _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + k), _mm512_loadu_si512(reinterpret_cast<const void*>(src + k)));
-  std::memcpy(dst + k, src + k, n - k);
-}
-
-void shuffle_rows(const char* x, char* out, Geometry g, int64_t elem_bytes, bool stream) {
-  const int64_t block = g.channels * elem_bytes;
-#pragma omp parallel
-  {
-#pragma omp for schedule(dynamic, kRowsPerChunk)
-    for (int64_t r = 0; r < g.rows; ++r)
-      for (int b = 0; b < 4; ++b) {
-        const char* src = x + source_offset(r, b, g.side, g.channels, g.version) * elem_bytes;
-        if (stream) copy_stream(out + (r * 4 + b) * block, src, block);
-        else std::memcpy(out + (r * 4 + b) * block, src, block);
-      }
-    if (stream) _mm_sfence();
+  // bf16 is the high half of an fp32: widening is a shift
+  static V load(const at::BFloat16* p) {
+    const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
   }
-}
+  // even values (shifted up) in a, odd values (low half cleared) in b: two cheap in-lane ops for 32 values
+  static void load2_any_order(const at::BFloat16* p, V& a, V& b) {
+    const __m512i u = _mm512_loadu_si512(static_cast<const void*>(p));
+    a = _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+    b = _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  }
+  template <bool kStream>
+  static void store2(at::BFloat16* p, V lo, V hi) {
+    // the high halves of the 32 rounded lanes, in order: words 1, 3, ..., 31 of lo then of hi (index 32+ = hi)
+    const __m512i odd_words = _mm512_set_epi16(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33, 31,
+                                               29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+    store_bits<kStream>(p, _mm512_permutex2var_epi16(round_bf16(lo), odd_words, round_bf16(hi)));
+  }
+  template <bool kStream>
+  static void store_bits(void* p, __m512i v) {
+    if constexpr (kStream) _mm512_stream_si512(static_cast<__m512i*>(p), v);
+    else _mm512_storeu_si512(p, v);
+  }
+};
+
+#include "cpu/pixel_shuffle_simd.inc"
 
 }  // namespace avx512
+#pragma GCC pop_options
+
+// ------------------------------------------------------------------------------------------------------------
+// AVX-512 with AVX512_BF16 (Zen 4, Cooper Lake, Sapphire Rapids): the bf16 store is one vcvtne2ps2bf16 for 32
+// values. That instruction rounds to nearest even like c10 but turns denormals into zero and keeps a NaN's
+// payload, so a step whose values include a NaN or a denormal (vfpclassps) is rounded the exact way instead.
+// ------------------------------------------------------------------------------------------------------------
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")
+namespace avx512bf16 {
+
+struct Ops : avx512::Ops {
+  using avx512::Ops::store2;
+  template <bool kStream>
+  static void store2(at::BFloat16* p, V lo, V hi) {
+    constexpr int kNanOrDenormal = 0x01 | 0x20 | 0x80;  // vfpclassps: quiet NaN | denormal | signalling NaN
+    if (_mm512_fpclass_ps_mask(lo, kNanOrDenormal) | _mm512_fpclass_ps_mask(hi, kNanOrDenormal)) {
+      avx512::Ops::store2<kStream>(p, lo, hi);
+      return;
+    }
+    store_bits<kStream>(p, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));  // lo -> the low 16 values
+  }
+};
+
+#include "cpu/pixel_shuffle_simd.inc"
+
+}  // namespace avx512bf16
 #pragma GCC diagnostic pop
 #pragma GCC pop_options
 
 // ------------------------------------------------------------------------------------------------------------
-// AVX2 version: the same structure with 8 fp32 lanes.
+// AVX2 version: the same kernels with 8 fp32 lanes.
 // ------------------------------------------------------------------------------------------------------------
 #pragma GCC push_options
 #pragma GCC diagnostic push
@@ -283,141 +254,75 @@ void shuffle_rows(const char* x, char* out, Geometry g, int64_t elem_bytes, bool
 #pragma GCC target("avx2,fma,f16c")
 namespace avx2 {
 
-constexpr int kLanes = 8;
-
-inline __m256 load(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-inline __m256 load(const at::BFloat16* p) {
-  const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
-}
-
-// fp32 -> bf16, round to nearest even, NaN -> 0x7FC0 (see the AVX-512 version).
-inline __m128i to_bf16(__m256 v) {
+// fp32 -> bf16 of 8 values as 8 x u32 < 65536 (the bf16 in the low half), rounding as avx512::round_bf16.
+inline __m256i round_bf16(__m256 v) {
   const __m256i u = _mm256_castps_si256(v);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
   __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
   const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
   r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC00000), nan);
-  r = _mm256_srli_epi32(r, 16);  // 8 x u32 < 65536: pack to u16 without saturation surprises
-  return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+  return _mm256_srli_epi32(r, 16);
 }
 
-template <bool kStream>
-inline void store(float* p, __m256 v) {
-  if constexpr (kStream) _mm256_stream_ps(p, v);
-  else _mm256_storeu_ps(p, v);
-}
-template <bool kStream>
-inline void store8(void* p, __m128i h) {
-  if constexpr (kStream) _mm_stream_si128(reinterpret_cast<__m128i*>(p), h);
-  else _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
-}
-template <bool kStream>
-inline void store(at::Half* p, __m256 v) {
-  store8<kStream>(p, _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-template <bool kStream>
-inline void store(at::BFloat16* p, __m256 v) { store8<kStream>(p, to_bf16(v)); }
+struct Ops {
+  using V = __m256;
+  static constexpr int kLanes = 8;
+  static constexpr int kStoreAlign = 32;
+  static constexpr int kVecBytes = 32;
 
-inline float reduce(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-template <bool kSquares, typename T>
-inline float row_sum(const T* const src[4], int64_t C, float mean) {
-  const __m256 vm = _mm256_set1_ps(mean);
-  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-  float tail = 0.f;
-  auto term = [&](__m256 v, __m256 a) {
-    if constexpr (kSquares) {
-      const __m256 d = _mm256_sub_ps(v, vm);
-      return _mm256_fmadd_ps(d, d, a);
-    } else {
-      return _mm256_add_ps(v, a);
-    }
-  };
-  for (int blk = 0; blk < 4; ++blk) {
-    const T* p = src[blk];
-    int64_t k = 0;
-    for (; k + 4 * kLanes <= C; k += 4 * kLanes)
-      for (int u = 0; u < 4; ++u) acc[u] = term(load(p + k + u * kLanes), acc[u]);
-    for (; k + kLanes <= C; k += kLanes) acc[0] = term(load(p + k), acc[0]);
-    for (; k < C; ++k) {
-      const float d = to_float(p[k]) - (kSquares ? mean : 0.f);
-      tail += kSquares ? d * d : d;
-    }
+  static V zero() { return _mm256_setzero_ps(); }
+  static V set1(float v) { return _mm256_set1_ps(v); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static float reduce(V v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
   }
-  return reduce(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]))) + tail;
-}
-
-template <bool kStream, typename T>
-inline void normalise_block(const T* p, int64_t C, float mean, float rstd, const float* w, const float* b, T* dst) {
-  const __m256 vm = _mm256_set1_ps(mean), vr = _mm256_set1_ps(rstd);
-  int64_t k = 0;
-  for (; k + kLanes <= C; k += kLanes) {
-    const __m256 y = _mm256_mul_ps(_mm256_sub_ps(load(p + k), vm), vr);
-    store<kStream>(dst + k, _mm256_fmadd_ps(y, _mm256_loadu_ps(w + k), _mm256_loadu_ps(b + k)));
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static void stream_copy(char* dst, const char* src) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
   }
-  for (; k < C; ++k) dst[k] = from_float<T>((to_float(p[k]) - mean) * rstd * w[k] + b[k]);
-}
 
-template <typename T>
-void layernorm_rows(const T* x, const float* w, const float* b, float eps, T* out, Geometry g, bool stream) {
-  const int64_t C = g.channels;
-  const float inv_width = 1.f / static_cast<float>(4 * C);
-  const int64_t store_bytes = kLanes * static_cast<int64_t>(sizeof(T));
-  stream = stream && C % kLanes == 0 && reinterpret_cast<uintptr_t>(out) % store_bytes == 0;
-#pragma omp parallel
-  {
-#pragma omp for schedule(dynamic, kRowsPerChunk)
-    for (int64_t r = 0; r < g.rows; ++r) {
-      const T* src[4];
-      source_rows(x, r, g, src);
-      const float mean = row_sum<false>(src, C, 0.f) * inv_width;
-      const float rstd = 1.f / std::sqrt(row_sum<true>(src, C, mean) * inv_width + eps);
-      T* dst = out + r * 4 * C;
-      for (int blk = 0; blk < 4; ++blk) {
-        if (stream)
-          normalise_block<true>(src[blk], C, mean, rstd, w + blk * C, b + blk * C, dst + blk * C);
-        else
-          normalise_block<false>(src[blk], C, mean, rstd, w + blk * C, b + blk * C, dst + blk * C);
-      }
-    }
-    if (stream) _mm_sfence();
+  template <bool kStream>
+  static void store2(float* p, V lo, V hi) {
+    if constexpr (kStream) _mm256_stream_ps(p, lo), _mm256_stream_ps(p + kLanes, hi);
+    else _mm256_storeu_ps(p, lo), _mm256_storeu_ps(p + kLanes, hi);
   }
-}
-
-inline void copy_stream(char* dst, const char* src, int64_t n) {
-  const int64_t head = std::min<int64_t>(n, static_cast<int64_t>((32 - reinterpret_cast<uintptr_t>(dst) % 32) % 32));
-  std::memcpy(dst, src, head);
-  int64_t k = head;
-  for (; k + 128 <= n; k += 128)
-    for (int u = 0; u < 4; ++u)
-      _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + k + 32 * u),
-                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + k + 32 * u)));
-  for (; k + 32 <= n; k += 32)
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + k), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + k)));
-  std::memcpy(dst + k, src + k, n - k);
-}
-
-void shuffle_rows(const char* x, char* out, Geometry g, int64_t elem_bytes, bool stream) {
-  const int64_t block = g.channels * elem_bytes;
-#pragma omp parallel
-  {
-#pragma omp for schedule(dynamic, kRowsPerChunk)
-    for (int64_t r = 0; r < g.rows; ++r)
-      for (int b = 0; b < 4; ++b) {
-        const char* src = x + source_offset(r, b, g.side, g.channels, g.version) * elem_bytes;
-        if (stream) copy_stream(out + (r * 4 + b) * block, src, block);
-        else std::memcpy(out + (r * 4 + b) * block, src, block);
-      }
-    if (stream) _mm_sfence();
+  // fp16
+  static V load(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  template <bool kStream>
+  static void store2(at::Half* p, V lo, V hi) {
+    constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    store_bits<kStream>(p, _mm256_set_m128i(_mm256_cvtps_ph(hi, kRound), _mm256_cvtps_ph(lo, kRound)));
   }
-}
+  // bf16
+  static V load(const at::BFloat16* p) {
+    const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+  }
+  static void load2_any_order(const at::BFloat16* p, V& a, V& b) {  // even values in a, odd values in b
+    const __m256i u = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    a = _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+    b = _mm256_castsi256_ps(_mm256_and_si256(u, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  }
+  template <bool kStream>
+  static void store2(at::BFloat16* p, V lo, V hi) {
+    // packus interleaves the 128-bit halves (lo0-3 hi0-3 lo4-7 hi4-7); the 64-bit permute puts them back in order
+    const __m256i packed = _mm256_packus_epi32(round_bf16(lo), round_bf16(hi));
+    store_bits<kStream>(p, _mm256_permute4x64_epi64(packed, 0xD8));
+  }
+  template <bool kStream>
+  static void store_bits(void* p, __m256i v) {
+    if constexpr (kStream) _mm256_stream_si256(static_cast<__m256i*>(p), v);
+    else _mm256_storeu_si256(static_cast<__m256i*>(p), v);
+  }
+};
+
+#include "cpu/pixel_shuffle_simd.inc"
 
 }  // namespace avx2
 #pragma GCC diagnostic pop
@@ -427,7 +332,13 @@ void shuffle_rows(const char* x, char* out, Geometry g, int64_t elem_bytes, bool
 // ------------------------------------------------------------------------------------------------------------
 // Launchers: argument checks (ValueError naming the argument), output allocation, ISA and dtype dispatch.
 // ------------------------------------------------------------------------------------------------------------
+// NVLM_KERNELS_CPU_STREAM=1 / =0 (read on every call) forces streaming stores on / off whatever the size, so the
+// tests can run that path on small shapes (it is still skipped where the row layout cannot be stored aligned).
 bool use_streaming_stores(const at::Tensor& out) {
+  if (const char* env = std::getenv("NVLM_KERNELS_CPU_STREAM")) {
+    if (std::strcmp(env, "1") == 0) return true;
+    if (std::strcmp(env, "0") == 0) return false;
+  }
   return out.numel() * out.element_size() > last_level_cache_bytes();
 }
 
@@ -471,6 +382,16 @@ at::Tensor pixel_shuffle_cpu(const at::Tensor& x, int64_t version) {
   return out;
 }
 
+#if defined(NVLM_PS_X86)
+// Whether the AVX-512 bf16 kernels may use the AVX512_BF16 conversion instruction. NVLM_KERNELS_CPU_BF16=0 turns it
+// off (read on every call), so the tests also exercise the exact integer rounding on machines that have it.
+bool use_avx512_bf16() {
+  static const bool has = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512dq");
+  const char* env = std::getenv("NVLM_KERNELS_CPU_BF16");
+  return has && !(env != nullptr && std::strcmp(env, "0") == 0);
+}
+#endif
+
 template <typename T>
 void layernorm_dispatch(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, float eps, at::Tensor& out,
                         const Geometry& g) {
@@ -481,7 +402,15 @@ void layernorm_dispatch(const at::Tensor& x, const at::Tensor& w, const at::Tens
   [[maybe_unused]] const bool stream = use_streaming_stores(out);  // used by the x86 SIMD versions
   switch (nvlm::cpu_capability()) {
 #if defined(NVLM_PS_X86)
-    case nvlm::CpuCapability::kAvx512: avx512::layernorm_rows(xp, wp, bp, eps, op, g, stream); break;
+    case nvlm::CpuCapability::kAvx512:
+      if constexpr (std::is_same_v<T, at::BFloat16>) {
+        if (use_avx512_bf16()) {
+          avx512bf16::layernorm_rows(xp, wp, bp, eps, op, g, stream);
+          break;
+        }
+      }
+      avx512::layernorm_rows(xp, wp, bp, eps, op, g, stream);
+      break;
     case nvlm::CpuCapability::kAvx2: avx2::layernorm_rows(xp, wp, bp, eps, op, g, stream); break;
 #endif
     default: scalar::layernorm_rows(xp, wp, bp, eps, op, g);

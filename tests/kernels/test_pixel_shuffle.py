@@ -70,18 +70,28 @@ def _run(backend, fn, *args, **kw):
         return fn(*args, **kw)
 
 
+ISAS = ["avx512", "avx512-nobf16", "avx2", "scalar"]
+
+
 @pytest.fixture
 def isa(request, monkeypatch):
-    """Cap the CPU kernels' SIMD level through NVLM_KERNELS_CPU_ISA (the extension reads it on every call)."""
-    level = request.param
+    """Cap the CPU kernels' SIMD level through NVLM_KERNELS_CPU_ISA (the extension reads it on every call).
+
+    ``avx512-nobf16``: AVX-512 with NVLM_KERNELS_CPU_BF16=0, i.e. without the AVX512_BF16 conversion instruction
+    (the exact integer rounding the AVX-512 bf16 store uses on CPUs that lack it).
+    """
+    param = request.param
+    level = param.removesuffix("-nobf16")
     monkeypatch.delenv("NVLM_KERNELS_CPU_ISA", raising=False)
+    monkeypatch.delenv("NVLM_KERNELS_CPU_STREAM", raising=False)
+    monkeypatch.setenv("NVLM_KERNELS_CPU_BF16", "0" if param.endswith("-nobf16") else "1")
     best = _ext.cpu_capability()
     order = ["scalar", "avx2", "avx512"]
     if best in order and order.index(level) > order.index(best):
         pytest.skip(f"this CPU tops out at {best}")
     monkeypatch.setenv("NVLM_KERNELS_CPU_ISA", level)
     assert _ext.cpu_capability() == level
-    return level
+    return param
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -138,7 +148,7 @@ def test_cpu_odd_shapes(shape, dtype):
 
 
 @needs_cpu_kernel
-@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"], indirect=True)
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cpu_each_isa(isa, dtype):
     # [2, 1024, 512]: a 2-4 MiB output (normal stores); the real shape in bf16: 46 MB, huge pages and (where the OS
@@ -153,7 +163,7 @@ def test_cpu_each_isa(isa, dtype):
 
 
 @needs_cpu_kernel
-@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"], indirect=True)
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
 def test_cpu_large_mean_and_specials(isa):
     """|mean| >> std (a one-pass E[x^2]-E[x]^2 variance would cancel) and bf16 rounding of inf/NaN/ties."""
     x = (1000 + 0.01 * torch.randn(2, 16, 40)).float()
@@ -165,6 +175,52 @@ def test_cpu_large_mean_and_specials(isa):
     out = _run("cpu", pixel_shuffle_layernorm, x, w.bfloat16(), b.bfloat16(), 1e-5)
     assert torch.isnan(out[0, 0]).all() and not torch.isinf(out).any()
     assert torch.equal(out[0, 1:], pixel_shuffle_layernorm_ref(x, w, b, 1e-5)[0, 1:])
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpu_streaming_stores(isa, dtype, monkeypatch):
+    """The non-temporal-store path (normally only for outputs larger than the last-level cache), forced on small
+    shapes: row counts that leave partial 4-row groups and 32-row chunks, C a multiple of the 64-byte store (it
+    streams) and C not one (it must fall back to ordinary stores). Equal to the ordinary-store result bit for bit."""
+    shapes = [(3, 36, 32), (5, 64, 64), (1, 4, 96), (2, 16, 48), (3, 16, 40), (1, 36, 17)]
+    for shape in shapes:
+        x, w, b = _inputs(*shape, dtype)
+        for version in ("v1", "v2"):
+            monkeypatch.setenv("NVLM_KERNELS_CPU_STREAM", "1")
+            shuffled = _run("cpu", pixel_shuffle, x, version=version)
+            out = _run("cpu", pixel_shuffle_layernorm, x, w, b, 1e-5, version=version)
+            monkeypatch.setenv("NVLM_KERNELS_CPU_STREAM", "0")
+            assert torch.equal(shuffled, pixel_shuffle_ref(x, version)), shape
+            assert torch.equal(out, _run("cpu", pixel_shuffle_layernorm, x, w, b, 1e-5, version=version)), shape
+            _check_ln(out, x, w, b, 1e-5, version)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+def test_cpu_bf16_rounding_of_denormals_and_nan(isa):
+    """With w = 0 the output is exactly the bias, so its bf16 bits must equal c10's rounding of the fp32 bias:
+    denormals kept (AVX512_BF16's instruction would flush them), NaN -> the quiet NaN 0x7FC0 (the instruction would
+    keep the payload), round-to-nearest-even ties; one special value per 32-wide step, the rest ordinary."""
+    c = 64
+    x = torch.randn(2, 16, c).to(torch.bfloat16)
+    b = torch.randn(4 * c)
+    tiny = torch.finfo(torch.float32).tiny
+    b[::32] = torch.tensor([tiny / 3, -tiny / 7, float("nan"), 1e-40, -float("nan"), tiny * 0.75, 5e-39, -1e-45])
+    b[5] = 1 + 2**-8  # a tie: rounds to even (1.0)
+    b[6] = 1 + 3 * 2**-8  # a tie: rounds to even (1 + 2**-6)
+    w = torch.zeros(4 * c)
+    for stream in ("0", "1"):
+        os.environ["NVLM_KERNELS_CPU_STREAM"] = stream
+        try:
+            out = _run("cpu", pixel_shuffle_layernorm, x, w, b, 1e-5)
+        finally:
+            del os.environ["NVLM_KERNELS_CPU_STREAM"]
+        bits, want = out.view(torch.int16), b.to(torch.bfloat16).expand_as(out).view(torch.int16)
+        nan = b.isnan().expand_as(out)
+        assert torch.equal(bits[~nan], want[~nan])
+        assert (bits[nan] == 0x7FC0).all()  # c10's NaN (PyTorch's vectorised conversion may give another)
 
 
 @needs_cpu_kernel

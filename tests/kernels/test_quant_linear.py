@@ -49,14 +49,15 @@ def make_int8(n, k, scale_dtype=torch.float16):
     return q, _exact_scales((n,), scale_dtype, mantissa_bits=1)
 
 
-def check_close(y, x, w, bias):
-    """``y`` vs the fp64 truth of ``x @ w^T + bias``, against the same computation done by torch in x.dtype."""
+def check_close(y, x, w, bias, extra_eps=0.0):
+    """``y`` vs the fp64 truth of ``x @ w^T + bias``, against the same computation done by torch in x.dtype.
+    ``extra_eps``: an accumulation error the kernel is documented to add (the int4 offset decode, see its test)."""
     truth = F.linear(x.double(), w.double(), None if bias is None else bias.double())
     low = F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype)).double()
     assert y.dtype == x.dtype and y.shape == truth.shape
     err = (y.double() - truth).abs().max().item()
     low_err = (low - truth).abs().max().item()
-    eps = 1e-6 * (x.double().abs() @ w.double().abs().t()).max().item() + 1e-6
+    eps = 1e-6 * (x.double().abs() @ w.double().abs().t()).max().item() + 1e-6 + extra_eps
     assert err <= 2 * low_err + eps, f"kernel error {err:.3g} > 2 x torch {x.dtype} error {low_err:.3g} + {eps:.2g}"
 
 
@@ -143,7 +144,12 @@ def test_int4_offset_decode_with_cancellation(m):
         x = (torch.rand(m, k) * 100 + 50).to(dtype)
         with nvlm_kernels.force_backend("cpu"):
             y = w4a16_linear(x, qw, s, zeros, g)
-        check_close(y, x, dequantize_int4(qw, s, zeros, g), None)
+        # The offset decode sums x (128 + q) s in fp32 and subtracts (128 + z) s sum(x): its documented error is
+        # ~2^-24 * 143 * sum_k |x_k| s_k (quant_kernels.h), which here, with w ~ 0, is not covered by the error of
+        # torch's own computation (measured over 400 seeds: at most 3x that term beyond 2x torch's error). A wrong
+        # offset or group sum errs by ~128 * s * x per weight, 2^24 / 143 times more.
+        offset_err = 2**-24 * 143 * (x.double().abs() @ s.double().repeat_interleave(g, dim=1).t()).max().item()
+        check_close(y, x, dequantize_int4(qw, s, zeros, g), None, extra_eps=4 * offset_err)
 
 
 @needs_cpu_kernel

@@ -63,7 +63,8 @@ def _extensions():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
         nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr", "-Xptxas=-v",
                       "-DNVLM_KERNELS_WITH_CUDA"]
-        print(f"nvlm-kernels: building CPU + CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
+        arch_list = os.environ["TORCH_CUDA_ARCH_LIST"]
+        print(f"nvlm-kernels: building CPU + CUDA kernels for TORCH_CUDA_ARCH_LIST={arch_list}")
         ext = CUDAExtension(
             "nvlm_kernels._C",
             sources + sorted(glob.glob("csrc/cuda/*.cu")),

@@ -8,7 +8,7 @@ import argparse
 import sys
 import time
 
-DEMO_QUESTION = "What shape is on the left?"
+DEMO_QUESTION = "What colour is the shape on the right?"
 
 
 def _add_chat(sub):
@@ -71,8 +71,8 @@ def _add_bench(sub):
     p.set_defaults(func=cmd_bench)
 
 
-def _add_train(sub):
-    p = sub.add_parser("train", help="train the small NVLM-D shipped as the demo default (stages 0a, 0b, 1, 2)")
+def train_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``nvlm train`` (also ``python -m nvlm.train``)."""
     p.add_argument("--out", default=None, help="checkpoint folder, replaced if it exists "
                                                "(default: nvlm/assets/nvlm-d-small)")
     p.add_argument("--seed", type=int, default=0)
@@ -80,11 +80,10 @@ def _add_train(sub):
     p.add_argument("--no-tile-tags", action="store_true", help="tile-tag ablation: images without <tile_k> tags")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (results are reproducible for a "
                                                           "given count; default 1)")
-    p.set_defaults(func=cmd_train)
 
 
-def _add_eval(sub):
-    p = sub.add_parser("eval", help="accuracy of a checkpoint on the held-out synthetic sets (bf16 or quantised)")
+def eval_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``nvlm eval`` (also ``python -m nvlm.evaluate``)."""
     p.add_argument("--model", default=None, help="checkpoint folder (default: the shipped small model)")
     p.add_argument("--quant", default="bf16", choices=["bf16", "int8", "int4", "bnb-nf4"])
     p.add_argument("--n", type=int, default=400, help="held-out image samples")
@@ -92,6 +91,17 @@ def _add_eval(sub):
     p.add_argument("--sqnr-samples", type=int, default=64, help="image samples for the logits SQNR (0: skip)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: fastest on a shared machine)")
+
+
+def _add_train(sub):
+    p = sub.add_parser("train", help="train the small NVLM-D shipped as the demo default (stages 0a, 0b, 1, 2)")
+    train_arguments(p)
+    p.set_defaults(func=cmd_train)
+
+
+def _add_eval(sub):
+    p = sub.add_parser("eval", help="accuracy of a checkpoint on the held-out synthetic sets (bf16 or quantised)")
+    eval_arguments(p)
     p.set_defaults(func=cmd_eval)
 
 

@@ -60,6 +60,15 @@ def _positive(value: int, where: str, key: str) -> int:
     return value
 
 
+def _check_sizes(cfg, where: str, extra_keys: tuple[str, ...]) -> None:
+    """The transformer sizes every tower has (positive, heads dividing the width) and ``extra_keys`` positive."""
+    for key in ("hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers", *extra_keys):
+        _positive(getattr(cfg, key), where, key)
+    if cfg.hidden_size % cfg.num_attention_heads:
+        raise _err(where, "hidden_size", f"({cfg.hidden_size}) must be divisible by num_attention_heads "
+                                         f"({cfg.num_attention_heads})")
+
+
 def _square(value, where: str, key: str) -> int:
     """HF writes image/patch sizes as an int or a [h, w] pair; NVLM tiles are square."""
     if isinstance(value, (list, tuple)):
@@ -111,12 +120,7 @@ class VisionConfig:
 
     def validate(self) -> None:
         w = "vision_config."
-        for key in ("hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers", "image_size",
-                    "patch_size", "num_channels"):
-            _positive(getattr(self, key), w, key)
-        if self.hidden_size % self.num_attention_heads:
-            raise _err(w, "hidden_size", f"({self.hidden_size}) must be divisible by num_attention_heads "
-                                         f"({self.num_attention_heads})")
+        _check_sizes(self, w, ("image_size", "patch_size", "num_channels"))
         if self.num_dummy_heads < 0:
             raise _err(w, "num_dummy_heads", f"must be >= 0, got {self.num_dummy_heads}")
         if self.image_size % self.patch_size:
@@ -192,12 +196,7 @@ class LLMConfig:
 
     def validate(self) -> None:
         w = "llm_config."
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                    "num_key_value_heads", "max_position_embeddings"):
-            _positive(getattr(self, key), w, key)
-        if self.hidden_size % self.num_attention_heads:
-            raise _err(w, "hidden_size", f"({self.hidden_size}) must be divisible by num_attention_heads "
-                                         f"({self.num_attention_heads})")
+        _check_sizes(self, w, ("vocab_size", "num_key_value_heads", "max_position_embeddings"))
         if self.head_dim % 2:
             raise _err(w, "num_attention_heads", f"gives an odd head_dim {self.head_dim}; RoPE needs an even one")
         if self.num_attention_heads % self.num_key_value_heads:

@@ -90,17 +90,6 @@ def evaluate(path, quant: str = "bf16", n_tiles: int = 400, n_text: int = 200, s
     return result
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of ``python -m nvlm.evaluate`` (``nvlm eval`` declares the same ones in nvlm/cli.py)."""
-    p.add_argument("--model", default=None, help="checkpoint folder (default: the shipped small model)")
-    p.add_argument("--quant", default="bf16", choices=["bf16", "int8", "int4", "bnb-nf4"])
-    p.add_argument("--n", type=int, default=400, help="held-out image samples")
-    p.add_argument("--n-text", type=int, default=200, help="held-out text-only samples")
-    p.add_argument("--sqnr-samples", type=int, default=64, help="image samples for the logits SQNR (0: skip)")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: fastest on a shared machine)")
-
-
 def run(args) -> int:
     from nvlm.train import DEFAULT_OUT
 
@@ -120,8 +109,10 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
+    from nvlm.cli import eval_arguments
+
     p = argparse.ArgumentParser(prog="nvlm eval", description=__doc__.splitlines()[0])
-    add_arguments(p)
+    eval_arguments(p)
     return run(p.parse_args(argv))
 
 

@@ -1,8 +1,8 @@
 """Synthetic tasks for the small trained NVLM-D (``nvlm train``): generated on the fly, deterministic from a seed.
 
 Vision-language task ("tiles"): a wide or tall image whose aspect ratio maps to a grid of 2..6 tiles (cols x rows,
-``GRIDS``). Each tile holds at most one small coloured shape (``COLOURS`` x ``SHAPES``, 16..64 px on a 112-px tile,
-so as small as 1/7 of a tile side); at least one shape per image. Questions, with 1-3 token answers::
+``GRIDS``). Each tile holds at most one small coloured shape (``COLOURS`` x ``SHAPES``, 24..64 px on a 112-px tile,
+so as small as ~1/5 of a tile side); at least one shape per image. Questions, with 1-3 token answers::
 
     What colour is the shape in tile 3?      -> purple       (tiles numbered row-major from 1, as the <tile_k> tags)
     What shape is in tile 2?                 -> triangle
@@ -11,7 +11,7 @@ so as small as 1/7 of a tile side); at least one shape per image. Questions, wit
     What colour is the shape on the bottom?  -> red           images: top / bottom)
 
 Why it needs the high-resolution tiling: the thumbnail squeezes the whole image into one 112-px tile, so on a 6x1
-image a 16-px shape becomes ~3 px wide (shape lost, colours smeared) and "tile k" can only be told apart by where
+image a 24-px shape becomes ~4 px wide (shape lost, colours smeared) and "tile k" can only be told apart by where
 its tokens sit; the regular tiles show each shape at full resolution right after its ``<tile_k>`` tag.
 
 Images are drawn at ``scale`` 1, 2 or 4 times the tile grid (so the processor's bicubic resize sees sharp and
@@ -22,7 +22,11 @@ Text-only task ("text", stage 0b and the text mix of stage 2): ``What is 3 plus 
 -> 4, ``Which is bigger, 6 or 2?`` -> 6, ``How many words are in: red star blue?`` -> 3, ``Which word is a colour:
 circle or green?`` -> green, ``What is the last word in: cat red square?`` -> square. The colour/shape answers and
 the copy task matter: in stage 1 the frozen decoder can only say what stage 0b taught it (without them a first
-version's stage-1 loss stayed at 6.7 and the model ended at chance on images).
+version's stage-1 loss stayed at 6.7 and the model ended at chance on images). Training also uses ``tile_lookup``
+(``TRAIN_TEXT_KINDS``): the image questions asked of ``<tile_k> x x red circle x ...`` descriptions. Laid out
+over 16 slots per tile like the image tokens (and half of each stage-0b batch), it took the projector-only stage 1
+to 44% on dev images; a first version with the two words right after each tag (1/8 of the batch) reached 21%.
+``image_dialogue`` adds follow-up questions about the same image (``scene_questions``) for multi-turn training.
 
 Held-out sets: ``eval_set("tiles" | "text", n, seed=EVAL_SEED)``; training streams use other seeds, and a
 sample's full description (grid, objects, question) is a pure function of its ``random.Random`` stream.
@@ -39,7 +43,8 @@ from PIL import Image, ImageDraw
 
 __all__ = [
     "COLOURS", "SHAPES", "GRIDS", "TILE", "EVAL_SEED", "Obj", "Scene", "Sample",
-    "sample_scene", "render", "patch_labels", "image_sample", "text_sample", "eval_set", "describe",
+    "sample_scene", "render", "patch_labels", "image_sample", "scene_questions", "image_dialogue", "text_sample",
+    "eval_set", "describe",
 ]
 
 TILE = 112                      # tile side the small model consumes (config force_image_size)
@@ -57,10 +62,13 @@ SHAPES = ("circle", "square", "triangle")
 #: (cols, rows) grids of 2..6 tiles; an image of exactly this aspect ratio is tiled this way by nvlm.image.
 GRIDS = ((2, 1), (1, 2), (3, 1), (1, 3), (2, 2), (4, 1), (1, 4), (3, 2), (2, 3), (5, 1), (1, 5), (6, 1), (1, 6))
 SCALES = (1, 2, 4)
-MIN_SIZE, MAX_SIZE = 16, 64    # shape bounding-box side in tile pixels
+MIN_SIZE, MAX_SIZE = 24, 64    # shape bounding-box side in tile pixels
 EVAL_SEED = 1234
 QUESTION_KINDS = ("colour_tile", "shape_tile", "count", "side_shape", "side_colour")
 TEXT_KINDS = ("add", "sub", "max", "words", "pick_colour", "pick_shape", "last_word")
+#: what stages 0b and 2 train on: the held-out text skills plus ``tile_lookup`` (the image questions asked of a
+#: description in words; not in the held-out text set, which measures the general text skills)
+TRAIN_TEXT_KINDS = (*TEXT_KINDS, "tile_lookup")
 _WORDS = ("red", "blue", "green", "circle", "square", "star", "cat", "dog", "tree", "house", "book", "sun")
 
 
@@ -98,6 +106,9 @@ class Sample:
     answer: str
     image: Image.Image | None = None
     scene: Scene | None = field(default=None, repr=False)
+    #: later turns about the same image, ``(question, answer)`` each (``image_dialogue``); the first turn is
+    #: ``question``/``answer``
+    follow_ups: list = field(default_factory=list, repr=False)
 
 
 def _jitter(rng: random.Random, rgb, amount: int) -> tuple[int, int, int]:
@@ -239,6 +250,33 @@ def image_sample(rng: random.Random, kinds: tuple[str, ...] = QUESTION_KINDS, la
     return Sample(kind, question, answer, render(scene), scene)
 
 
+def scene_questions(scene: Scene) -> list[tuple[str, str]]:
+    """Every question of ``QUESTION_KINDS`` that has an answer for ``scene``, as ``(question, answer)``."""
+    out = [("How many shapes are there?", str(scene.count))]
+    for k, obj in enumerate(scene.objects):
+        if obj is not None:
+            out += [(f"What colour is the shape in tile {k + 1}?", obj.colour),
+                    (f"What shape is in tile {k + 1}?", obj.shape)]
+    sides = _side_words(scene)
+    if sides is not None:
+        for side, obj in zip(sides, (scene.objects[0], scene.objects[-1])):
+            if obj is not None:
+                out += [(f"What shape is on the {side}?", obj.shape),
+                        (f"What colour is the shape on the {side}?", obj.colour)]
+    return out
+
+
+def image_dialogue(rng: random.Random, turns: int) -> Sample:
+    """A multi-turn training sample: the first turn is exactly ``image_sample(rng)`` (so it has the held-out set's
+    distribution), followed by up to ``turns - 1`` other questions about the same image in random order. One image
+    then supervises several answers for one vision-tower pass and one copy of its tokens in the sequence."""
+    sample = image_sample(rng)
+    others = [qa for qa in scene_questions(sample.scene) if qa[0] != sample.question]
+    rng.shuffle(others)
+    sample.follow_ups = others[:max(0, turns - 1)]
+    return sample
+
+
 def text_sample(rng: random.Random, kinds: tuple[str, ...] = TEXT_KINDS) -> Sample:
     kind = rng.choice(kinds)
     if kind == "add":
@@ -257,11 +295,45 @@ def text_sample(rng: random.Random, kinds: tuple[str, ...] = TEXT_KINDS) -> Samp
         pair = [colour, shape] if rng.random() < 0.5 else [shape, colour]
         what, answer = ("colour", colour) if kind == "pick_colour" else ("shape", shape)
         return Sample(kind, f"Which word is a {what}: {pair[0]} or {pair[1]}?", answer)
+    if kind == "tile_lookup":
+        return _tile_lookup(rng)
     n = rng.randint(1, 6)
     words = [rng.choice(_WORDS + COLOUR_NAMES + SHAPES) for _ in range(n)]
     if kind == "last_word":   # copying a word from the context: what stage 1 needs from the frozen decoder
         return Sample(kind, f"What is the last word in: {' '.join(words)}?", words[-1])
     return Sample(kind, f"How many words are in: {' '.join(words)}?", str(n))
+
+
+_SLOTS = (TILE // PATCH // 2) ** 2      # image tokens per tile after the pixel shuffle (16 at 112 px)
+
+
+def _tile_lookup(rng: random.Random) -> Sample:
+    """The image questions asked of a description in words laid out like the image tokens: each ``<tile_k>`` tag is
+    followed by 16 word slots (one per image token of a tile), ``x`` for background and the shape's colour and name
+    repeated over a short run at a random place, e.g. ``<tile_1> x x red circle red circle x ... <tile_2> x x ...``.
+    A pretrained LLM can already find what follows a tag in its context; this from-scratch decoder learns it here,
+    in text, over the same 16-token span an image tile fills, so stage 1 only has to teach the projector to write
+    into the tiles' slots what the decoder already reads."""
+    n = rng.randint(2, 6)
+    objects = [None if rng.random() < 0.3 else (rng.choice(COLOUR_NAMES), rng.choice(SHAPES)) for _ in range(n)]
+    if all(o is None for o in objects):
+        objects[rng.randrange(n)] = (rng.choice(COLOUR_NAMES), rng.choice(SHAPES))
+    text = "<Image>"                     # written like the image: a tag right after the previous tile's last slot
+    for k, obj in enumerate(objects):
+        slots = ["x"] * _SLOTS
+        if obj is not None:
+            run = 2 * rng.randint(1, 3)
+            first = rng.randrange(_SLOTS - run + 1)
+            slots[first:first + run] = list(obj) * (run // 2)
+        text += f"<tile_{k + 1}> " + " ".join(slots)
+    text += "</Image>"
+    kind = rng.choice(("colour_tile", "shape_tile", "count"))
+    if kind == "count":
+        return Sample("tile_lookup", f"{text}\nHow many shapes are there?", str(sum(o is not None for o in objects)))
+    k = rng.choice([t for t, o in enumerate(objects) if o is not None])
+    if kind == "colour_tile":
+        return Sample("tile_lookup", f"{text}\nWhat colour is the shape in tile {k + 1}?", objects[k][0])
+    return Sample("tile_lookup", f"{text}\nWhat shape is in tile {k + 1}?", objects[k][1])
 
 
 def eval_set(task: str, n: int, seed: int = EVAL_SEED) -> list[Sample]:

@@ -289,23 +289,28 @@ def stage_0a(model, processor, steps: int, seed: int) -> list[float]:
     return losses
 
 
-def _lm_loss(model):
-    def loss(ids, labels, pixel_values):
-        return answer_loss(model(ids, pixel_values).logits, labels)
-    return loss
-
-
 def stage_0b(model, processor, steps: int, seed: int) -> list[float]:
     """Text pre-training of the decoder alone."""
     rng = random.Random(f"0b-{seed}")
     _freeze(model, True)
     _freeze(model.language_model, False)
+
     def batch():   # half tile_lookup (the skill stage 1 builds on), half the other text skills
         half = BATCH["0b"] // 2
-        return collate(processor, [tasks.text_sample(rng, ("tile_lookup",)) for _ in range(half)]
-                       + [tasks.text_sample(rng) for _ in range(BATCH["0b"] - half)])
+        lookups = [tasks.text_sample(rng, ("tile_lookup",)) for _ in range(half)]
+        others = [tasks.text_sample(rng) for _ in range(BATCH["0b"] - half)]
+        # two padded batches: the ~130-token lookups would pad the ~40-token others to their length
+        return collate(processor, lookups), collate(processor, others)
 
-    return _run("0b", model.language_model.parameters(), steps, LR["0b"], batch, _lm_loss(model))
+    def loss(*parts):   # the mean over all answer tokens of both parts, as one batch would give
+        total, count = 0.0, 0
+        for ids, labels, _ in parts:
+            n = int((labels[:, 1:] != IGNORE).sum())
+            total = total + answer_loss(model(ids).logits, labels) * n
+            count += n
+        return total / count
+
+    return _run("0b", model.language_model.parameters(), steps, LR["0b"], batch, loss)
 
 
 def _tower_loss(model):
@@ -402,7 +407,8 @@ def train(out=DEFAULT_OUT, seed: int = 0, steps: dict[str, int] | None = None, e
                 t = time.perf_counter()
                 picks = steps["1"] * BATCH["1"] + steps["2"] * (BATCH["2"] - round(BATCH["2"] * TEXT_MIX))
                 model.eval()
-                pool = FrozenTowerPool(model, processor, random.Random(f"pool-{seed}"), -(-picks // POOL_REUSE))
+                size = max(-(-picks // POOL_REUSE), BATCH["1"], BATCH["2"])        # a batch draws distinct images
+                pool = FrozenTowerPool(model, processor, random.Random(f"pool-{seed}"), size)
                 summary["times"]["pool"] = time.perf_counter() - t
                 _log(f"frozen-tower pool: {len(pool.items)} images encoded ({summary['times']['pool']:.0f} s)")
             if name == "2":

@@ -219,3 +219,13 @@ def test_shipped_model_answers_the_demo_question(shipped):
     with torch.inference_mode():
         assert model.chat(str(EXAMPLE_IMAGE), DEMO_QUESTION, max_new_tokens=6) == "blue"
         assert model.chat(str(EXAMPLE_IMAGE), "How many shapes are there?", max_new_tokens=6) == "2"
+
+
+def test_train_end_to_end_at_tiny_step_counts(tmp_path):
+    from nvlm.model import NVLM
+    from nvlm.train import train
+
+    summary = train(tmp_path / "ckpt", steps={"0a": 1, "0b": 1, "1": 1, "2": 1}, eval_n=4)
+    assert set(summary["times"]) >= {"0a", "0b", "pool", "1", "2", "total"}
+    model = NVLM.from_pretrained(summary["path"], progress=False)      # published layout + tokenizer, loads back
+    assert model.processor is not None and model.config.img_context_token_id is not None

@@ -186,6 +186,9 @@ class NVLMProcessor:
             if bad:
                 raise ValueError(f"system_message must not contain {bad}")
         self._plain = self._plain_text_tokenizer(tokenizer)
+        #: False writes an image as `<Image>` + image slots + `</Image>` with no `<tile_k>` / thumbnail tags (the
+        #: paper's tile-tag ablation; `nvlm train --no-tile-tags`). NVLM-D models are trained with the tags.
+        self.use_tile_tags = True
 
     # -- construction -------------------------------------------------------------------------------------------
 
@@ -296,8 +299,12 @@ class NVLMProcessor:
             for k, part in enumerate(piece.split(IMAGE_PLACEHOLDER)):
                 if k:  # a placeholder stood before this part
                     out.append(IMAGE_START)
-                    for tag in tile_tags(next(tiles)):
-                        out += [tag, pad]
+                    n = next(tiles)
+                    if self.use_tile_tags:
+                        for tag in tile_tags(n):
+                            out += [tag, pad]
+                    else:
+                        out.append(pad * n)
                     out.append(IMAGE_END)
                 out.append(part)
         return out

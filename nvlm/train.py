@@ -99,22 +99,7 @@ def init_weights(model: nn.Module) -> None:
 def without_tile_tags(processor):
     """Tile-tag ablation (paper Table 7 in miniature): ``processor`` changed in place to write an image as
     ``<Image> P..P P..P ... </Image>`` (no ``<tile_k>`` / thumbnail tags); everything else unchanged."""
-    from nvlm.processor import IMAGE_END, IMAGE_PLACEHOLDER, IMAGE_START
-
-    def expand(pieces, num_tiles):
-        out, tiles = [], iter(num_tiles)
-        pad = [processor.image_token_id] * processor.tokens_per_tile
-        for piece in pieces:
-            if not isinstance(piece, str):
-                out.append(piece)
-                continue
-            for k, part in enumerate(piece.split(IMAGE_PLACEHOLDER)):
-                if k:
-                    out += [IMAGE_START, pad * next(tiles), IMAGE_END]
-                out.append(part)
-        return out
-
-    processor._expand = expand
+    processor.use_tile_tags = False
     return processor
 
 

@@ -229,3 +229,17 @@ def test_train_end_to_end_at_tiny_step_counts(tmp_path):
     assert set(summary["times"]) >= {"0a", "0b", "pool", "1", "2", "total"}
     model = NVLM.from_pretrained(summary["path"], progress=False)      # published layout + tokenizer, loads back
     assert model.processor is not None and model.config.img_context_token_id is not None
+
+
+def test_tile_tag_ablation_drops_only_the_tags():
+    from nvlm.train import without_tile_tags
+
+    _, processor = build(seed=0)
+    s = tasks.eval_set("tiles", 1)[0]
+    tagged = processor(images=[s.image], text=s.question)["input_ids"][0].tolist()
+    plain = without_tile_tags(processor)(images=[s.image], text=s.question)["input_ids"][0].tolist()
+    image_id = processor.image_token_id
+    assert plain.count(image_id) == tagged.count(image_id) == (s.scene.num_tiles + 1) * processor.tokens_per_tile
+    text = processor.decode(plain, skip_special_tokens=False)
+    assert "<tile" not in text and "<Image>" in text and "</Image>" in text
+    assert "<tile_1>" in processor.decode(tagged, skip_special_tokens=False) and len(tagged) > len(plain)

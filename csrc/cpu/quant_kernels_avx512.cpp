@@ -89,6 +89,27 @@ NVLM_AVX512BF16 inline __mmask64 byte_mask(int64_t nbytes) {
   return nbytes >= 64 ? ~__mmask64(0) : ((__mmask64(1) << nbytes) - 1);
 }
 
+// The scale of each fp32 lane's group for one 128-k chunk c: in both decode orders below, fp32 lane j only sums
+// products of the chunk's group 8j / G (the unpack order permutes k within blocks of 32 = 4 lanes); groups past the
+// row's end repeat the last one (its masked tail).
+template <int G>
+NVLM_AVX512BF16 inline __attribute__((always_inline)) __m512 chunk_scales(const float* s, int64_t c,
+                                                                          int64_t ngroups) {
+  static_assert(G == 32 || G == 64 || G == 128, "int4 group size must be 32, 64 or 128");
+  if constexpr (G == 128) {
+    return _mm512_set1_ps(s[c]);
+  } else if constexpr (G == 64) {
+    const int64_t g0 = 2 * c, g1 = std::min<int64_t>(g0 + 1, ngroups - 1);
+    return _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(s[g0]), _mm512_set1_ps(s[g1]));
+  } else {
+    const int64_t g0 = 4 * c;
+    const int64_t g1 = std::min<int64_t>(g0 + 1, ngroups - 1), g2 = std::min<int64_t>(g0 + 2, ngroups - 1),
+                  g3 = std::min<int64_t>(g0 + 3, ngroups - 1);
+    const __m512i lane_group = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);  // j -> j / 4
+    return _mm512_permutexvar_ps(lane_group, _mm512_zextps128_ps512(_mm_set_ps(s[g3], s[g2], s[g1], s[g0])));
+  }
+}
+
 // Decode one 128-k chunk of a packed int4 row (wq: its 64 bytes; chunk index c) into four bf16 vectors: word lane
 // i of w_r holds k = 4i + r of the chunk. OFF: the offset code bf16(128 + q) (zero point removed later with the
 // per-group sums of x); else the exact bf16(q - z) by table lookup. sv: the scale of each fp32 lane's group.
@@ -105,27 +126,12 @@ NVLM_AVX512BF16 inline __attribute__((always_inline)) void int4_decode_chunk(
       (16 * 4 / G) << 4, (15 * 4 / G) << 4, (14 * 4 / G) << 4, (13 * 4 / G) << 4, (12 * 4 / G) << 4,
       (11 * 4 / G) << 4, (10 * 4 / G) << 4, (9 * 4 / G) << 4, (8 * 4 / G) << 4, (7 * 4 / G) << 4, (6 * 4 / G) << 4,
       (5 * 4 / G) << 4, (4 * 4 / G) << 4, (3 * 4 / G) << 4, (2 * 4 / G) << 4, (1 * 4 / G) << 4, 0);
-  // fp32 lane j sums word lanes 2j, 2j+1, i.e. k = 8j..8j+7: group 8j/G (only used for G = 32).
-  const __m512i sidx = _mm512_set_epi32(15 * 8 / G, 14 * 8 / G, 13 * 8 / G, 12 * 8 / G, 11 * 8 / G, 10 * 8 / G,
-                                        9 * 8 / G, 8 * 8 / G, 7 * 8 / G, 6 * 8 / G, 5 * 8 / G, 4 * 8 / G, 3 * 8 / G,
-                                        2 * 8 / G, 1 * 8 / G, 0);
   if constexpr (OFF) {  // word lane = 0x4300 | q = bf16(128 + q): one ternary-logic op per 32 weights
     const __m512i hi = _mm512_set1_epi16(0x4300);
     w0 = _mm512_ternarylogic_epi32(wq, nib, hi, 0xEA);  // (a & b) | c
     w1 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(wq, 4), nib, hi, 0xEA);
     w2 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(wq, 8), nib, hi, 0xEA);
     w3 = _mm512_or_si512(_mm512_srli_epi16(wq, 12), hi);
-    if constexpr (G == 128) {
-      sv = _mm512_set1_ps(s[c]);
-    } else if constexpr (G == 64) {
-      const int64_t g0 = 2 * c, g1 = std::min<int64_t>(g0 + 1, ngroups - 1);
-      sv = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(s[g0]), _mm512_set1_ps(s[g1]));
-    } else {
-      const int64_t g0 = 4 * c;
-      const int64_t g1 = std::min<int64_t>(g0 + 1, ngroups - 1), g2 = std::min<int64_t>(g0 + 2, ngroups - 1),
-                    g3 = std::min<int64_t>(g0 + 3, ngroups - 1);
-      sv = _mm512_permutexvar_ps(sidx, _mm512_zextps128_ps512(_mm_set_ps(s[g3], s[g2], s[g1], s[g0])));
-    }
   } else {
     __m512i i0 = _mm512_and_si512(wq, nib);
     __m512i i1 = _mm512_and_si512(_mm512_srli_epi16(wq, 4), nib);
@@ -137,7 +143,6 @@ NVLM_AVX512BF16 inline __attribute__((always_inline)) void int4_decode_chunk(
       w1 = _mm512_permutexvar_epi16(i1, tab);
       w2 = _mm512_permutexvar_epi16(i2, tab);
       w3 = _mm512_permutexvar_epi16(i3, tab);
-      sv = _mm512_set1_ps(s[c]);
     } else if constexpr (G == 64) {
       const int64_t g0 = 2 * c, g1 = std::min<int64_t>(g0 + 1, ngroups - 1);
       const __m512i tab = _mm512_inserti64x4(_mm512_zextsi256_si512(table16(z[g0])), table16(z[g1]), 1);
@@ -145,7 +150,6 @@ NVLM_AVX512BF16 inline __attribute__((always_inline)) void int4_decode_chunk(
       w1 = _mm512_permutexvar_epi16(_mm512_or_si512(i1, gbits), tab);
       w2 = _mm512_permutexvar_epi16(_mm512_or_si512(i2, gbits), tab);
       w3 = _mm512_permutexvar_epi16(_mm512_or_si512(i3, gbits), tab);
-      sv = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(s[g0]), _mm512_set1_ps(s[g1]));
     } else {
       static_assert(G == 32, "int4 group size must be 32, 64 or 128");
       const int64_t g0 = 4 * c;
@@ -157,10 +161,9 @@ NVLM_AVX512BF16 inline __attribute__((always_inline)) void int4_decode_chunk(
       w1 = _mm512_permutex2var_epi16(ta, _mm512_or_si512(i1, gbits), tb);
       w2 = _mm512_permutex2var_epi16(ta, _mm512_or_si512(i2, gbits), tb);
       w3 = _mm512_permutex2var_epi16(ta, _mm512_or_si512(i3, gbits), tb);
-      const __m512 s4 = _mm512_zextps128_ps512(_mm_set_ps(s[g3], s[g2], s[g1], s[g0]));
-      sv = _mm512_permutexvar_ps(sidx, s4);
     }
   }
+  sv = chunk_scales<G>(s, c, ngroups);
 }
 
 // GEMV offset decode (bf16 / fp16 x): one 128-k chunk of a packed int4 row -> four vectors of bf16(128 + q) in the
@@ -190,19 +193,7 @@ NVLM_AVX512BF16 inline __attribute__((always_inline)) void int4_decode_chunk_unp
   w1 = _mm512_unpackhi_epi8(lo, c43);
   w2 = _mm512_unpacklo_epi8(hi, c43);
   w3 = _mm512_unpackhi_epi8(hi, c43);
-  if constexpr (G == 128) {
-    sv = _mm512_set1_ps(s[c]);
-  } else if constexpr (G == 64) {
-    const int64_t g0 = 2 * c, g1 = std::min<int64_t>(g0 + 1, ngroups - 1);
-    sv = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(s[g0]), _mm512_set1_ps(s[g1]));
-  } else {
-    static_assert(G == 32, "int4 group size must be 32, 64 or 128");
-    const int64_t g0 = 4 * c;
-    const int64_t g1 = std::min<int64_t>(g0 + 1, ngroups - 1), g2 = std::min<int64_t>(g0 + 2, ngroups - 1),
-                  g3 = std::min<int64_t>(g0 + 3, ngroups - 1);
-    const __m512i sidx = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);  // lane j -> j / 4
-    sv = _mm512_permutexvar_ps(sidx, _mm512_zextps128_ps512(_mm_set_ps(s[g3], s[g2], s[g1], s[g0])));
-  }
+  sv = chunk_scales<G>(s, c, ngroups);
 }
 
 // ---- int4 GEMV: one output row n, MB rows of x, P bf16 parts of x -------------------------------------------------

@@ -179,6 +179,20 @@ def test_cpu_large_mean_and_specials(isa):
 
 @needs_cpu_kernel
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("offset", [30.0, 3000.0])
+def test_cpu_outlier_leading_channels(isa, offset):
+    """Channels 0..31 of every token far from the rest (ViT features have such massive-activation channels): the
+    first values of each output row are then far from the row's mean, where a variance from sums around a shift
+    taken from those values would cancel (it was 100x less accurate than F.layer_norm here)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 16, 3200, generator=g)
+    x[..., :32] += offset
+    w, b = torch.rand(12800, generator=g) + 0.5, torch.randn(12800, generator=g)
+    _check_ln(_run("cpu", pixel_shuffle_layernorm, x, w, b, 1e-5), x, w, b, 1e-5, "v2")
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cpu_streaming_stores(isa, dtype, monkeypatch):
     """The non-temporal-store path (normally only for outputs larger than the last-level cache), forced on small

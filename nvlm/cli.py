@@ -8,7 +8,7 @@ import argparse
 import sys
 import time
 
-DEMO_QUESTION = "What shape is on the left?"
+DEMO_QUESTION = "What colour is the shape on the left?"
 
 
 def _add_chat(sub):

@@ -5,10 +5,10 @@ image with the quantised one, and prints per-stage times, weight memory, which k
 planner says about NVLM-D-72B on H100s.
 
 The embedded default is the small NVLM-D trained by ``nvlm train`` (nvlm/assets/nvlm-d-small, published layout,
-bf16, with its tokenizer; ``nvlm.tasks`` describes what it answers): asked "What shape is on the left?" about the
-example image (red circle left, blue square right) it answers "circle", also when quantised to int4 -- but its
-held-out image accuracy is 58.5% (bf16; `nvlm eval`), far from the 95% target (it answers "blue" to "What colour is
-the shape on the left?"), so treat single answers with care. Without that
+bf16, with its tokenizer; ``nvlm.tasks`` describes what it answers): asked "What colour is the shape on the left?"
+about the example image (red circle left, blue square right) it answers "red", also when quantised to int4 -- but
+its held-out image accuracy is 75.75% (bf16; `nvlm eval`), short of the 95% target (it answers "square" to "What
+shape is on the left?"), so treat single answers with care. Without that
 folder (a trimmed install) the default falls back to a tiny NVLM-D with RANDOM weights (generated once, seeded,
 into the cache folder), which proves the path but answers noise. Pass --model for another checkpoint.
 """
@@ -54,7 +54,7 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:8.2f} MiB"
 
 
-def run_demo(model_path=None, image=None, question="What shape is on the left?", quant="int4",
+def run_demo(model_path=None, image=None, question="What colour is the shape on the left?", quant="int4",
              max_new_tokens=16) -> int:
     import nvlm_kernels
     from nvlm.model import NVLM
@@ -101,7 +101,7 @@ def run_demo(model_path=None, image=None, question="What shape is on the left?",
 
     cols, rows = inputs["image_grids"][0]
     if embedded and model_path == TRAINED_MODEL:
-        note = ("  (embedded default: small NVLM-D trained by `nvlm train`; held-out image accuracy 58.5% bf16, "
+        note = ("  (embedded default: small NVLM-D trained by `nvlm train`; held-out image accuracy 75.75% bf16, "
                 "see `nvlm eval`)")
     elif embedded:
         note = "  (embedded default: tiny NVLM-D, RANDOM weights: the answer is noise)"

@@ -1,4 +1,4 @@
-"""``nvlm eval --model PATH [--quant bf16|int8|int4|bnb-nf4]``: accuracy of a checkpoint on the held-out sets.
+"""``nvlm eval --model PATH [--quant Q] [--no-tile-tags]``: accuracy of a checkpoint on the held-out sets.
 
 Accuracy is exact match of the greedy answer: one teacher-forced forward pass per batch, and a sample counts as
 right iff the argmax at every answer position (answer tokens and the closing ``<|im_end|>``) is the reference
@@ -18,7 +18,7 @@ from collections import defaultdict
 import torch
 
 from nvlm import tasks
-from nvlm.train import IGNORE, collate
+from nvlm.train import IGNORE, collate, without_tile_tags
 
 
 @torch.inference_mode()
@@ -78,13 +78,21 @@ def load(path, quant: str | None):
     return model.eval()
 
 
-def evaluate(path, quant: str = "bf16", n_tiles: int = 400, n_text: int = 200, sqnr_samples: int = 64) -> dict:
+def evaluate(path, quant: str = "bf16", n_tiles: int = 400, n_text: int = 200, sqnr_samples: int = 64,
+             tile_tags: bool = True) -> dict:
+    """Held-out accuracy (and logits SQNR vs bf16 when quantised). ``tile_tags=False`` scores a checkpoint of the
+    tile-tag ablation (``nvlm train --no-tile-tags``) with the prompts it was trained on: images without tags.
+    ``n_text=0`` skips the text-only set."""
+    if n_tiles < 1 or n_text < 0:
+        raise ValueError(f"nvlm eval: needs at least 1 image sample and 0 or more text samples "
+                         f"(arguments '--n' and '--n-text'), got {n_tiles} and {n_text}")
     model = load(path, quant)
-    processor = model.processor
+    processor = model.processor if tile_tags else without_tile_tags(model.processor)
     tiles = tasks.eval_set("tiles", n_tiles)
-    result = {"model": str(path), "quant": quant,
-              "tiles": score(model, processor, tiles),
-              "text": score(model, processor, tasks.eval_set("text", n_text))}
+    result = {"model": str(path), "quant": quant, "tile_tags": tile_tags,
+              "tiles": score(model, processor, tiles)}
+    if n_text:
+        result["text"] = score(model, processor, tasks.eval_set("text", n_text))
     if quant not in ("bf16", "none", None) and sqnr_samples:
         result["logits_sqnr_db_vs_bf16"] = logits_sqnr(load(path, None), model, processor, tiles[:sqnr_samples])
     return result
@@ -94,12 +102,15 @@ def run(args) -> int:
     from nvlm.train import DEFAULT_OUT
 
     torch.set_num_threads(args.threads)
-    r = evaluate(args.model or DEFAULT_OUT, args.quant, args.n, args.n_text, args.sqnr_samples)
+    r = evaluate(args.model or DEFAULT_OUT, args.quant, args.n, args.n_text, args.sqnr_samples,
+                 tile_tags=not args.no_tile_tags)
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
-    print(f"model {r['model']}  quant {r['quant']}")
+    print(f"model {r['model']}  quant {r['quant']}" + ("" if r["tile_tags"] else "  (images without tile tags)"))
     for task in ("tiles", "text"):
+        if task not in r:
+            continue
         s = r[task]
         kinds = "  ".join(f"{k} {v:.3f}" for k, v in s["by_kind"].items())
         print(f"  {task:<6} accuracy {s['accuracy'] * 100:6.2f}%  (n={s['n']})  {kinds}")

@@ -278,6 +278,26 @@ def test_train_end_to_end_at_tiny_step_counts(tmp_path):
     assert model.processor is not None and model.config.img_context_token_id is not None
 
 
+def test_eval_of_the_tile_tag_ablation_prompts_without_tags(monkeypatch, capsys):
+    import nvlm.evaluate as evaluate
+
+    seen = []
+
+    def fake_score(model, processor, samples, batch_size=16):   # records the prompts' processor instead of scoring
+        seen.append(processor.use_tile_tags)
+        return {"accuracy": 0.0, "n": len(samples), "by_kind": {}}
+
+    monkeypatch.setattr(evaluate, "score", fake_score)
+    assert evaluate.main(["--n", "2", "--n-text", "2", "--no-tile-tags"]) == 0
+    assert seen == [False, False] and "without tile tags" in capsys.readouterr().out
+    assert evaluate.main(["--n", "2", "--n-text", "2"]) == 0
+    assert seen[2:] == [True, True]
+    assert evaluate.main(["--n", "2", "--n-text", "0"]) == 0           # --n-text 0 skips the text set
+    assert seen[4:] == [True] and "text" not in capsys.readouterr().out.split("tiles")[-1]
+    with pytest.raises(ValueError, match="--n"):
+        evaluate.main(["--n", "0"])
+
+
 def test_tile_tag_ablation_drops_only_the_tags():
     from nvlm.train import without_tile_tags
 

@@ -38,6 +38,7 @@ checkpoint is saved in bf16 in the published NVLM-D layout with its tokenizer. S
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import random
@@ -146,8 +147,14 @@ def add_turns(processor, prompt: list[int], sample: tasks.Sample) -> tuple[list[
 def _listing_labels(processor, reply: list[int]) -> list[int]:
     """Labels of a ``tasks.LISTING_QUESTION`` answer: the tile numbers are drawn at random, so they are not
     targets (their loss could only be noise); what follows each number is."""
-    numbers = {processor._plain.token_to_id(str(k)) for k in range(1, 10)}
+    numbers = _digit_ids(processor)
     return [IGNORE if t in numbers else t for t in reply]
+
+
+@functools.lru_cache(maxsize=8)
+def _digit_ids(processor) -> frozenset[int]:
+    """The token ids of the digits 1-9 (tile numbers), looked up once per processor, not once per listing."""
+    return frozenset(processor._plain.token_to_id(str(k)) for k in range(1, 10))
 
 
 def collate(processor, samples: list[tasks.Sample]):

@@ -29,6 +29,15 @@ it, 71.25% without; with LR 3e-3 58.25%; with 3/4 of the descriptions listings 6
 (``nvlm train --no-tile-tags``, the paper's ablation): 70.5% held-out (``nvlm eval --no-tile-tags``), 75.75% with
 the tags.
 
+Run to run, the result spreads as widely as these differences, so one run per recipe says little (figures: the 200
+held-out images the training log reports, fp32; the shipped seed-0 run has 76% there). The present recipe with
+``--seed 1``: 67% (colour on a side 52.5%; 1651 s). Stage 0b at batch 16 for 1600 steps and stage 2 at 1300: 70%
+(count 66%; 1858 s), although stage 0b alone at batch 16 for 1000 steps, the compute of 500 steps at 32, answered
+63% of the text tile questions against 41.75%. Each step's samples sorted by length into 4 padded batches and the
+lm_head run at the answer positions only (the same loss up to rounding; a stage-2 step 0.64 s against 0.93 s in
+one same-process comparison, ~0.73 s against ~0.8 s inside whole runs) with stage 2 at 1200 steps: 54% (colour on
+a side 25%; 1620 s). None was kept.
+
 Training runs in fp32 with the pure-PyTorch reference kernels (``force_backend("ref")``: differentiable); the
 checkpoint is saved in bf16 in the published NVLM-D layout with its tokenizer. Seeded: model init from
 ``torch.manual_seed(seed)``, each stage's data from its own ``random.Random(f"{stage}-{seed}")``; the held-out set

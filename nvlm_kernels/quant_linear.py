@@ -20,9 +20,9 @@ constant ~0.6 ms per row at K=8192, N=4096 on one Zen 4 core, vs 0.79 ms/row for
 0.59 at M=32, 0.44 at M=64: the crossover is ~32 rows), CUDA 8 (above it tensor-core GEMMs win; same number as the
 Triton backend's GEMV_MAX_M). Within the CPU GEMV range, ``TILE_MIN_M["cpu"] <= M`` is ``"tile"``: the AVX512-BF16
 kernel decodes a 16-row weight tile once into L1 and multiplies it with every x row (register-blocked vdpbf16ps);
-at K = N = 8192 on one Zen 4 core it beats the GEMV from M = 8 (int8 12.0 vs 16.8 ms, int4 11.8 vs 12.8) and loses
-at M = 4. CPUs without AVX512-BF16 run the GEMV there. csrc/common/quant_layout.h holds the same numbers for the
-C++/CUDA code; a test checks they agree.
+at K = N = 8192 on one Zen 4 core (bf16 x) it beats the GEMV from M = 6 (int4 9.0 vs 9.6 ms, int8 10.8 vs 12.7; at
+M = 7 8.9 vs 11.5 and 10.5 vs 15.5) and loses at M = 4-5 (int4 7.3 vs 6.3, 8.9 vs 7.7). CPUs without AVX512-BF16 run
+the GEMV there. csrc/common/quant_layout.h holds the same numbers for the C++/CUDA code; a test checks they agree.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 #: Largest M served by the GEMV kernels, per device type (see module docstring).
 GEMV_MAX_M = {"cpu": 32, "cuda": 8}
 #: Smallest M served by the tiled kernel (CPU, AVX512-BF16), up to GEMV_MAX_M (see module docstring).
-TILE_MIN_M = {"cpu": 8}
+TILE_MIN_M = {"cpu": 6}
 
 
 def select_kernel(m: int, bits: int, device) -> str:

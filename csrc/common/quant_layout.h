@@ -123,7 +123,7 @@ NVLM_HOST_DEVICE inline uint16_t float_to_bf16_bits(float f) {
 // tiles, then a dense matmul: oneDNN on CPU, cuBLAS on CUDA). On CPU with AVX512-BF16, kTileMinMCpu <= M <=
 // kGemvMaxMCpu -> "tile" (a weight tile decoded once into L1, register-blocked vdpbf16ps over all x rows).
 constexpr int64_t kGemvMaxMCpu = 32;
-constexpr int64_t kTileMinMCpu = 8;
+constexpr int64_t kTileMinMCpu = 6;
 constexpr int64_t kGemvMaxMCuda = 8;
 
 }  // namespace quant

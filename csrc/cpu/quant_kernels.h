@@ -51,9 +51,9 @@ constexpr int64_t kChunk = 128;
 // rounding; fp32 activations (3 parts) keep the exact table decode of (q - z).
 void gemv_avx512bf16(const QWeight& w, const uint16_t* xparts, int parts, int64_t kpad, const float* xgsum,
                      const Out& out);
-// Tiled kernel for the middle range of M (quant_kernels_avx512.cpp): x and xgsum exactly as for the GEMV, x viewed
-// as `rows` bf16 rows of stride kpad (row m * parts + p is part p of x row m), rows = M * parts rounded up to a
-// multiple of 4, the extra rows zero.
+// Tiled kernel for the middle range of M (quant_kernels_avx512.cpp): x and xgsum as for the GEMV except that x is
+// in natural k order for int4 too (the kernel lays it out itself), x viewed as `rows` bf16 rows of stride kpad
+// (row m * parts + p is part p of x row m), rows = M * parts rounded up to a multiple of 4, the extra rows zero.
 void tiled_avx512bf16(const QWeight& w, const uint16_t* xrows, int64_t rows, int parts, int64_t kpad,
                       const float* xgsum, const Out& out);
 // Dequantise rows [n0, n1) to bf16 bits (dst [n1-n0, K]) or fp32 (dst [n1-n0, K]).

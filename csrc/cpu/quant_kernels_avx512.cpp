@@ -16,13 +16,13 @@
 // Several x rows (M <= 8 per block) share one decode of the weights; larger M loops over blocks while the row's
 // packed weights (K/2 bytes) stay in L1.
 //  * int4 with bf16 / fp16 x: the offset decode instead of the table: word lane = 0x4300 | q, which is the bf16
-//    bit pattern of 128 + q (exact for q < 128), built by one ternary-logic op per 32 weights in the tile path and
-//    by byte unpacks against 0x43 in the M = 1 GEMV (it reorders x once per call to match). The offset and
+//    bit pattern of 128 + q (exact for q < 128), built by byte unpacks against 0x43 in the GEMV (it reorders x
+//    once per call to match) and by one shift + one ternary-logic op in the tile path. The offset and
 //    the zero point are removed once per row and group: sum_k x (q - z) s = s (sum_k x (128 + q) - (128 + z) S_g)
 //    with S_g = sum of x over the group (computed once per call, shared by all N rows). Products stay exact; the
 //    fp32 partial sums are ~10x larger, which costs ~2^-24 * 143 * s * sum|x| of accumulation error: far below
 //    bf16 / fp16 output rounding. fp32 x (3 parts) keeps the exact table decode.
-// For 8 <= M <= 32 the tiled kernel below is used instead (see there).
+// For quant::kTileMinMCpu <= M <= 32 the tiled kernels below are used instead (see there).
 //
 // Dequantise-to-tile (GEMM path for large M): the same table lookup, with index bits built so that 32-bit lane j
 // gets k = 2j in its low word and k = 2j+1 in its high word, i.e. natural order; then scaled in fp32.
@@ -51,6 +51,15 @@ struct CenteredTable {
   }
 };
 const CenteredTable kCentered;
+
+// kCenteredTable32.v[j] = bf16 bits of (j - 16): q - z looked up at index q + 16 - z (int4 tile, fp32 x).
+struct CenteredTable32 {
+  alignas(64) uint16_t v[32];
+  CenteredTable32() {
+    for (int j = 0; j < 32; ++j) v[j] = quant::float_to_bf16_bits(static_cast<float>(j - 16));
+  }
+};
+const CenteredTable32 kCenteredTable32;
 
 NVLM_AVX512BF16 inline __m256i table16(uint8_t z) {
   return _mm256_load_si256(reinterpret_cast<const __m256i*>(kCentered.v[z & 15]));
@@ -111,9 +120,9 @@ NVLM_AVX512BF16 inline __attribute__((always_inline)) __m512 chunk_scales(const 
 }
 
 // Decode one 128-k chunk of a packed int4 row (wq: its 64 bytes; chunk index c) into four bf16 vectors: word lane
-// i of w_r holds k = 4i + r of the chunk. OFF: the offset code bf16(128 + q) (zero point removed later with the
-// per-group sums of x); else the exact bf16(q - z) by table lookup. sv: the scale of each fp32 lane's group.
-template <int G, bool OFF>
+// i of w_r holds k = 4i + r of the chunk, as the exact bf16(q - z) by table lookup (the GEMV with fp32 x). sv: the
+// scale of each fp32 lane's group.
+template <int G>
 NVLM_AVX512BF16 inline __attribute__((always_inline)) void int4_decode_chunk(
     __m512i wq, const float* s, const uint8_t* z, int64_t c, int64_t ngroups, __m512i& w0, __m512i& w1, __m512i& w2,
     __m512i& w3, __m512& sv) {
@@ -126,42 +135,34 @@ NVLM_AVX512BF16 inline __attribute__((always_inline)) void int4_decode_chunk(
       (16 * 4 / G) << 4, (15 * 4 / G) << 4, (14 * 4 / G) << 4, (13 * 4 / G) << 4, (12 * 4 / G) << 4,
       (11 * 4 / G) << 4, (10 * 4 / G) << 4, (9 * 4 / G) << 4, (8 * 4 / G) << 4, (7 * 4 / G) << 4, (6 * 4 / G) << 4,
       (5 * 4 / G) << 4, (4 * 4 / G) << 4, (3 * 4 / G) << 4, (2 * 4 / G) << 4, (1 * 4 / G) << 4, 0);
-  if constexpr (OFF) {  // word lane = 0x4300 | q = bf16(128 + q): one ternary-logic op per 32 weights
-    const __m512i hi = _mm512_set1_epi16(0x4300);
-    w0 = _mm512_ternarylogic_epi32(wq, nib, hi, 0xEA);  // (a & b) | c
-    w1 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(wq, 4), nib, hi, 0xEA);
-    w2 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(wq, 8), nib, hi, 0xEA);
-    w3 = _mm512_or_si512(_mm512_srli_epi16(wq, 12), hi);
+  __m512i i0 = _mm512_and_si512(wq, nib);
+  __m512i i1 = _mm512_and_si512(_mm512_srli_epi16(wq, 4), nib);
+  __m512i i2 = _mm512_and_si512(_mm512_srli_epi16(wq, 8), nib);
+  __m512i i3 = _mm512_srli_epi16(wq, 12);
+  if constexpr (G == 128) {
+    const __m512i tab = _mm512_zextsi256_si512(table16(z[c]));  // indices are < 16: the upper half is unused
+    w0 = _mm512_permutexvar_epi16(i0, tab);
+    w1 = _mm512_permutexvar_epi16(i1, tab);
+    w2 = _mm512_permutexvar_epi16(i2, tab);
+    w3 = _mm512_permutexvar_epi16(i3, tab);
+  } else if constexpr (G == 64) {
+    const int64_t g0 = 2 * c, g1 = std::min<int64_t>(g0 + 1, ngroups - 1);
+    const __m512i tab = _mm512_inserti64x4(_mm512_zextsi256_si512(table16(z[g0])), table16(z[g1]), 1);
+    w0 = _mm512_permutexvar_epi16(_mm512_or_si512(i0, gbits), tab);
+    w1 = _mm512_permutexvar_epi16(_mm512_or_si512(i1, gbits), tab);
+    w2 = _mm512_permutexvar_epi16(_mm512_or_si512(i2, gbits), tab);
+    w3 = _mm512_permutexvar_epi16(_mm512_or_si512(i3, gbits), tab);
   } else {
-    __m512i i0 = _mm512_and_si512(wq, nib);
-    __m512i i1 = _mm512_and_si512(_mm512_srli_epi16(wq, 4), nib);
-    __m512i i2 = _mm512_and_si512(_mm512_srli_epi16(wq, 8), nib);
-    __m512i i3 = _mm512_srli_epi16(wq, 12);
-    if constexpr (G == 128) {
-      const __m512i tab = _mm512_zextsi256_si512(table16(z[c]));  // indices are < 16: the upper half is unused
-      w0 = _mm512_permutexvar_epi16(i0, tab);
-      w1 = _mm512_permutexvar_epi16(i1, tab);
-      w2 = _mm512_permutexvar_epi16(i2, tab);
-      w3 = _mm512_permutexvar_epi16(i3, tab);
-    } else if constexpr (G == 64) {
-      const int64_t g0 = 2 * c, g1 = std::min<int64_t>(g0 + 1, ngroups - 1);
-      const __m512i tab = _mm512_inserti64x4(_mm512_zextsi256_si512(table16(z[g0])), table16(z[g1]), 1);
-      w0 = _mm512_permutexvar_epi16(_mm512_or_si512(i0, gbits), tab);
-      w1 = _mm512_permutexvar_epi16(_mm512_or_si512(i1, gbits), tab);
-      w2 = _mm512_permutexvar_epi16(_mm512_or_si512(i2, gbits), tab);
-      w3 = _mm512_permutexvar_epi16(_mm512_or_si512(i3, gbits), tab);
-    } else {
-      static_assert(G == 32, "int4 group size must be 32, 64 or 128");
-      const int64_t g0 = 4 * c;
-      const int64_t g1 = std::min<int64_t>(g0 + 1, ngroups - 1), g2 = std::min<int64_t>(g0 + 2, ngroups - 1),
-                    g3 = std::min<int64_t>(g0 + 3, ngroups - 1);
-      const __m512i ta = _mm512_inserti64x4(_mm512_zextsi256_si512(table16(z[g0])), table16(z[g1]), 1);
-      const __m512i tb = _mm512_inserti64x4(_mm512_zextsi256_si512(table16(z[g2])), table16(z[g3]), 1);
-      w0 = _mm512_permutex2var_epi16(ta, _mm512_or_si512(i0, gbits), tb);
-      w1 = _mm512_permutex2var_epi16(ta, _mm512_or_si512(i1, gbits), tb);
-      w2 = _mm512_permutex2var_epi16(ta, _mm512_or_si512(i2, gbits), tb);
-      w3 = _mm512_permutex2var_epi16(ta, _mm512_or_si512(i3, gbits), tb);
-    }
+    static_assert(G == 32, "int4 group size must be 32, 64 or 128");
+    const int64_t g0 = 4 * c;
+    const int64_t g1 = std::min<int64_t>(g0 + 1, ngroups - 1), g2 = std::min<int64_t>(g0 + 2, ngroups - 1),
+                  g3 = std::min<int64_t>(g0 + 3, ngroups - 1);
+    const __m512i ta = _mm512_inserti64x4(_mm512_zextsi256_si512(table16(z[g0])), table16(z[g1]), 1);
+    const __m512i tb = _mm512_inserti64x4(_mm512_zextsi256_si512(table16(z[g2])), table16(z[g3]), 1);
+    w0 = _mm512_permutex2var_epi16(ta, _mm512_or_si512(i0, gbits), tb);
+    w1 = _mm512_permutex2var_epi16(ta, _mm512_or_si512(i1, gbits), tb);
+    w2 = _mm512_permutex2var_epi16(ta, _mm512_or_si512(i2, gbits), tb);
+    w3 = _mm512_permutex2var_epi16(ta, _mm512_or_si512(i3, gbits), tb);
   }
   sv = chunk_scales<G>(s, c, ngroups);
 }
@@ -217,7 +218,7 @@ NVLM_AVX512BF16 void int4_row(const uint8_t* row, const float* s, const uint8_t*
     __m512i w0, w1, w2, w3;
     __m512 sv;
     if constexpr (OFF) int4_decode_chunk_unpack<G>(wq, s, c, ngroups, w0, w1, w2, w3, sv);
-    else int4_decode_chunk<G, false>(wq, s, z, c, ngroups, w0, w1, w2, w3, sv);
+    else int4_decode_chunk<G>(wq, s, z, c, ngroups, w0, w1, w2, w3, sv);
     for (int m = 0; m < MB; ++m) {
       const uint16_t* xm = x + (int64_t)m * P * kpad + k0;
       if constexpr (MB >= 4) {  // enough independent x rows to hide the dpbf16 latency with one chain each
@@ -334,17 +335,6 @@ NVLM_AVX512BF16 void offset_terms(const float* s, const uint8_t* z, int64_t ngro
     _mm512_storeu_ps(cz + g, _mm512_mul_ps(_mm512_loadu_ps(s + g), _mm512_add_ps(zf, c128)));
   }
   for (; g < ngroups; ++g) cz[g] = s[g] * (128.f + static_cast<float>(z[g] & 15));
-}
-
-NVLM_AVX512BF16 float dot_f32(const float* a, const float* b, int64_t n) {
-  __m512 acc = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
-  if (i < n) {
-    const __mmask16 k = static_cast<__mmask16>((1u << (n - i)) - 1);
-    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, a + i), _mm512_maskz_loadu_ps(k, b + i), acc);
-  }
-  return _mm512_reduce_add_ps(acc);
 }
 
 // fp64 versions for the offset decode's final subtraction (once per output, not in the inner loop).
@@ -467,71 +457,58 @@ NVLM_AVX512BF16 void gemv_avx512bf16(const QWeight& w, const uint16_t* xparts, i
   }
 }
 
-// ---- Tiled kernel for a few to a few dozen x rows (quant::kTileMinMCpu <= M <= quant::kGemvMaxMCpu) ---------------
+// ---- Tiled kernels for a few to a few dozen x rows (quant::kTileMinMCpu <= M <= quant::kGemvMaxMCpu) --------------
 // The GEMV above decodes the weights in registers and streams x from L1 for every weight vector: one x load per
 // vdpbf16ps, the decode repeated for every block of 8 x rows, and a scale FMA per row and chunk. When M is large
-// enough to be compute-bound, this path instead decodes a tile of kBN weight rows x kBK columns ONCE into an L1
-// buffer of exact bf16 values (int4: the GEMV's chunk decode, offset code or q - z, plus per-lane chunk scales;
-// int8: q in natural order) and multiplies it with every x row by a register-blocked micro-kernel: kMR x rows x NR
-// weight rows of 16-lane fp32 accumulators (lanes = k pairs, reduced horizontally at the end), so each loaded
-// vector feeds several vdpbf16ps. int4 scales are applied per 128-k chunk with one FMA per accumulator (1 per 4
-// vdpbf16ps: the int4 path's main overhead); the int8 per-channel scale multiplies the final sum. Accumulators
-// live in a per-thread fp32 buffer tot[rows][kBN][16] between k blocks. fp16 / fp32 x are split into 2 / 3 bf16
-// parts handled as extra x rows (2x / 3x the multiply work) and summed at the end.
-// One thread, K = N = 8192, M = 16 (CPU time): int8 18.5 ms (GEMV 31.4), int4 19.0 (GEMV 21.3), bf16 dense 19.3;
-// without the decode int8 would take 13.1 (= vdpbf16ps peak): the int8 -> bf16 conversion (2x vpmovsxbd,
-// 2x vcvtdq2ps, vcvtne2ps2bf16 per 32 weights) is its remaining overhead. Prefetching the next blocks' packed
-// weights made no measurable difference (the decode is compute-bound).
+// enough to be compute-bound, these paths instead decode a block of weights ONCE into an L1 buffer of exact bf16
+// values and multiply it with every x row by a register-blocked micro-kernel, so each decoded vector feeds many
+// vdpbf16ps. fp16 / fp32 x are split into 2 / 3 bf16 parts handled as extra x rows (2x / 3x the multiply work) and
+// summed at the end.
+//
+// int8 ("k in lanes"): a tile of kBN weight rows x kBK columns is decoded in natural k order; a micro-tile of
+// kMR x rows x kNR8 weight rows holds 16-lane fp32 accumulators whose lanes are k pairs (reduced horizontally at
+// the end); the per-channel scale multiplies the final sum. One thread, K = N = 8192, M = 16 (CPU time): 18.5 ms
+// (GEMV 31.4, bf16 dense 19.3); without the decode it would take 13.1 (= vdpbf16ps peak): the int8 -> bf16
+// conversion (2x vpmovsxbd, 2x vcvtdq2ps, vcvtne2ps2bf16 per 32 weights) is its remaining overhead.
+//
+// int4 ("weight rows in lanes", tiled_int4 below): the group scale rules out the int8 layout. With k pairs in the
+// lanes, a lane sums only 8 k of a 128-k group, so every group's scale costs one FMA per 4 vdpbf16ps per
+// accumulator, and the two sets of accumulators (per group, running) leave registers for only a 4 x 2 micro-tile.
+// So the int4 tile puts 16 weight ROWS in the 16 fp32 lanes: a decoded vector holds one pair of k of 16 rows, x
+// contributes the same pair as a 32-bit broadcast, and each accumulator sums a whole group for 16 outputs before one
+// FMA applies the 16 rows' scales. A 16 x 16 dword transpose of 16 rows' 64-byte chunks lines up 8 k of 16 rows per
+// vector; each pair of k then takes 2 ops (shift, ternary logic) to decode. One thread, K = N = 8192, bf16 x, median
+// of 7 (same run): M = 16 14.6 ms against 20.0 for the k-in-lanes layout it replaced and 18.0 for bf16 dense;
+// M = 8 9.1 vs 12.0-13.0; M = 32 25.5 vs 37-43. Split by disabling one part (results then invalid): the
+// micro-kernels alone 12.2-13.0 ms (~80% of the 2048^3 bf16 matmul's rate), the chunk loads + transpose + decode
+// alone 4.6-5.6 ms, mostly hidden under the micro-kernels. Tried and not kept: vdpbf16ps with the broadcast as an
+// embedded {1to16} operand (GCC does not fold it; inline asm: ~5%, within the noise), software prefetch of the
+// rows' next chunks (no gain).
 namespace {
 
-constexpr int64_t kBN = 16;   // weight rows per tile (decoded once per k block, shared by all x rows)
-constexpr int64_t kBK = 256;  // k per block: 8 KiB of decoded weights + (rows x 512 B) of x stay in L1 (512: int8 -8%)
-constexpr int kMR = 4;        // x rows per micro-tile (x rows are padded to a multiple of kMR with zeros)
+constexpr int64_t kBN = 16;   // int8: weight rows per tile (decoded once per k block, shared by all x rows)
+constexpr int64_t kBK = 256;  // int8: k per block: 8 KiB of decoded weights + (rows x 512 B) of x stay in L1
+constexpr int kMR = 4;        // int8: x rows per micro-tile (x rows are padded to a multiple of kMR with zeros)
+constexpr int kNR8 = 4;       // int8: weight rows per micro-tile: 16 accumulators + 4 weight vectors
 
-// Rows [n0, n0 + kBN) x columns [k0, k1) of the weight -> wb[kBN][kBK] bf16 bits. int8: exact q, natural k order,
-// columns >= K read as 0; (k1 - k0) % 32 == 0. int4: the GEMV's chunk decode (int4_decode_chunk: chunk-permuted
-// order, offset code bf16(128 + q) if OFF else exact q - z), and the per-lane scales of each chunk in
-// sb[kBN][kBK / 128][16] (srow: the tile's scales, fp32 [kBN][K/g]); k0 % 128 == 0. Rows >= N are zeros.
-template <bool OFF>
-NVLM_AVX512BF16 void decode_tile(const QWeight& w, int64_t n0, int64_t k0, int64_t k1, const float* srow,
-                                 uint16_t* wb, float* sb) {
-  const int64_t K = w.K, ngroups = w.bits == 4 ? K / w.group : 1;
+// int8 rows [n0, n0 + kBN) x columns [k0, k1) of the weight -> wb[kBN][kBK] bf16 bits: exact q, natural k order,
+// columns >= K and rows >= N read as 0; (k1 - k0) % 32 == 0.
+NVLM_AVX512BF16 void decode_tile_int8(const QWeight& w, int64_t n0, int64_t k0, int64_t k1, uint16_t* wb) {
+  const int64_t K = w.K;
   for (int64_t i = 0; i < kBN; ++i) {
     const int64_t n = n0 + i;
     uint16_t* d = wb + i * kBK - k0;  // d[k] for k in [k0, k1)
-    if (n >= w.N) {  // zero weights and (int4) zero scales: finite garbage-free products for the unused rows
+    if (n >= w.N) {
       std::fill(d + k0, d + k1, uint16_t(0));
-      if (w.bits == 4) std::fill(sb + i * (kBK / kChunk) * 16, sb + (i + 1) * (kBK / kChunk) * 16, 0.f);
       continue;
     }
-    if (w.bits == 4) {
-      const uint8_t* row = static_cast<const uint8_t*>(w.qweight) + n * (K / 2);
-      for (int64_t k = k0; k < k1; k += kChunk) {
-        const uint8_t* p = row + k / 2;
-        const __m512i wq = (k + kChunk <= K) ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(byte_mask((K - k) / 2), p);
-        __m512i w0, w1, w2, w3;
-        __m512 sv;
-        const int64_t c = k / kChunk;
-        switch (w.group) {  // (a switch per chunk: the branch is perfectly predicted)
-          case 32: int4_decode_chunk<32, OFF>(wq, srow + i * ngroups, w.zeros + n * ngroups, c, ngroups, w0, w1, w2, w3, sv); break;
-          case 64: int4_decode_chunk<64, OFF>(wq, srow + i * ngroups, w.zeros + n * ngroups, c, ngroups, w0, w1, w2, w3, sv); break;
-          default: int4_decode_chunk<128, OFF>(wq, srow + i * ngroups, w.zeros + n * ngroups, c, ngroups, w0, w1, w2, w3, sv);
-        }
-        _mm512_store_si512(d + k, w0);
-        _mm512_store_si512(d + k + 32, w1);
-        _mm512_store_si512(d + k + 64, w2);
-        _mm512_store_si512(d + k + 96, w3);
-        _mm512_store_ps(sb + (i * (kBK / kChunk) + (k - k0) / kChunk) * 16, sv);
-      }
-    } else {
-      const int8_t* row = static_cast<const int8_t*>(w.qweight) + n * K;
-      for (int64_t k = k0; k < k1; k += 32) {
-        const __m256i b = (k + 32 <= K) ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k))
-                                        : _mm256_maskz_loadu_epi8((__mmask32)byte_mask(K - k), row + k);
-        const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
-        const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
-        _mm512_store_si512(d + k, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));  // exact: |q| <= 128
-      }
+    const int8_t* row = static_cast<const int8_t*>(w.qweight) + n * K;
+    for (int64_t k = k0; k < k1; k += 32) {
+      const __m256i b = (k + 32 <= K) ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k))
+                                      : _mm256_maskz_loadu_epi8((__mmask32)byte_mask(K - k), row + k);
+      const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
+      const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
+      _mm512_store_si512(d + k, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));  // exact: |q| <= 128
     }
   }
 }
@@ -555,88 +532,209 @@ NVLM_AVX512BF16 void micro_int8(const uint16_t* x, int64_t xstride, const uint16
     for (int i = 0; i < NR; ++i) _mm512_storeu_ps(tot + (r * kBN + i) * 16, acc[r][i]);
 }
 
-// int4 micro-kernel: the same per 128-k chunk, each chunk's sums times its per-lane scales sb[i][chunk]:
-// tot[r][i] += sum_c sb[i][c] * sum_{k in c} x[r][k] * wb[i][k]   (sb: NR rows of stride kBK / 128 vectors).
-template <int NR>
-NVLM_AVX512BF16 void micro_int4(const uint16_t* x, int64_t xstride, const uint16_t* wb, int64_t nk, const float* sb,
-                                float* tot) {
-  __m512 acc[kMR][NR];
-  for (int r = 0; r < kMR; ++r)
-    for (int i = 0; i < NR; ++i) acc[r][i] = _mm512_loadu_ps(tot + (r * kBN + i) * 16);
-  for (int64_t k0 = 0; k0 < nk; k0 += kChunk) {
-    __m512 a[kMR][NR];
-    for (int r = 0; r < kMR; ++r)
-      for (int i = 0; i < NR; ++i) a[r][i] = _mm512_setzero_ps();
-    for (int64_t k = k0; k < k0 + kChunk; k += 32) {
-      __m512i wv[NR];
-      for (int i = 0; i < NR; ++i) wv[i] = _mm512_load_si512(wb + i * kBK + k);
-      for (int r = 0; r < kMR; ++r) {
-        const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + r * xstride + k);
-        for (int i = 0; i < NR; ++i) a[r][i] = _mm512_dpbf16_ps(a[r][i], (__m512bh)wv[i], xv);
+NVLM_AVX512BF16 void tiled_int8(const QWeight& w, const uint16_t* xrows, int64_t rows, int parts, int64_t kpad,
+                                const Out& out) {
+  const int64_t N = w.N, K = w.K, M = out.M;
+  const int64_t kr = (K + 31) / 32 * 32;  // whole 32-column steps (x is zero beyond K)
+  const int64_t ntiles = (N + kBN - 1) / kBN;
+#pragma omp parallel num_threads(out.threads)
+  {
+    alignas(64) uint16_t wb[kBN * kBK];
+    std::vector<float> tot(rows * kBN * 16), srow(kBN, 0.f);
+    // Dynamic: on a shared machine a descheduled thread must not hold back the whole call (see the GEMV).
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < ntiles; ++t) {
+      const int64_t n0 = t * kBN, nt = std::min(kBN, N - n0);
+      scales_to_f32(w.scales, w.stype, n0, nt, srow.data());
+      std::fill(tot.begin(), tot.end(), 0.f);
+      for (int64_t k0 = 0; k0 < kr; k0 += kBK) {
+        const int64_t k1 = std::min(kr, k0 + kBK);
+        decode_tile_int8(w, n0, k0, k1, wb);
+        for (int64_t rb = 0; rb < rows; rb += kMR)
+          for (int64_t nb = 0; nb < kBN; nb += kNR8)
+            micro_int8<kNR8>(xrows + rb * kpad + k0, kpad, wb + nb * kBK, k1 - k0, &tot[(rb * kBN + nb) * 16]);
+      }
+      for (int64_t i = 0; i < nt; ++i) {
+        const float b = out.bias ? out.bias[n0 + i] : 0.f;
+        for (int64_t m = 0; m < M; ++m) {
+          float v = 0.f;
+          for (int p = 0; p < parts; ++p)
+            v += _mm512_reduce_add_ps(_mm512_loadu_ps(&tot[((m * parts + p) * kBN + i) * 16]));
+          out.y[m * N + n0 + i] = v * srow[i] + b;
+        }
       }
     }
-    for (int i = 0; i < NR; ++i) {
-      const __m512 sv = _mm512_load_ps(sb + (i * (kBK / kChunk) + k0 / kChunk) * 16);
-      for (int r = 0; r < kMR; ++r) acc[r][i] = _mm512_fmadd_ps(a[r][i], sv, acc[r][i]);
-    }
   }
-  for (int r = 0; r < kMR; ++r)
-    for (int i = 0; i < NR; ++i) _mm512_storeu_ps(tot + (r * kBN + i) * 16, acc[r][i]);
 }
 
-constexpr int kNR8 = 4;  // weight rows per int8 micro-tile: 16 accumulators + 4 weight vectors
-constexpr int kNR4 = 2;  // per int4 micro-tile: 8 accumulators + 8 per-group sums + 2 weight vectors
+// ---- int4: weight rows in lanes ----------------------------------------------------------------------------------
+constexpr int kLanes = 16;    // weight rows per int4 tile: one per fp32 lane
+constexpr int kMaxMR4 = 16;   // x rows per int4 micro-kernel call (one accumulator each)
+constexpr int64_t kPairsPerChunk = kChunk / 2;
+
+// r[i] = dwords 0..15 of weight row i  ->  r[d] = dword d of rows 0..15 (lane i: row i). Three shuffle stages of the
+// usual 16 x 16 transpose: 32-bit and 64-bit interleaves within 128-bit lanes, then 128-bit lanes across registers.
+NVLM_AVX512BF16 inline __attribute__((always_inline)) void transpose_16x16_epi32(__m512i r[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {  // 128-bit lane L of t[i] / t[i+1]: dwords 4L, 4L+1 / 4L+2, 4L+3 of rows i, i+1
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int b = 0; b < 16; b += 4) {  // 128-bit lane L of u[b + e]: dword 4L + e of rows b..b+3
+    u[b + 0] = _mm512_unpacklo_epi64(t[b], t[b + 2]);
+    u[b + 1] = _mm512_unpackhi_epi64(t[b], t[b + 2]);
+    u[b + 2] = _mm512_unpacklo_epi64(t[b + 1], t[b + 3]);
+    u[b + 3] = _mm512_unpackhi_epi64(t[b + 1], t[b + 3]);
+  }
+  for (int e = 0; e < 4; ++e) {  // gather 128-bit lane L of u[e], u[4+e], u[8+e], u[12+e] into r[4L + e]
+    const __m512i ab_lo = _mm512_shuffle_i32x4(u[e], u[4 + e], 0x44);       // lanes A0 A1 B0 B1
+    const __m512i ab_hi = _mm512_shuffle_i32x4(u[e], u[4 + e], 0xEE);       // A2 A3 B2 B3
+    const __m512i cd_lo = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0x44);  // C0 C1 D0 D1
+    const __m512i cd_hi = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0xEE);  // C2 C3 D2 D3
+    r[e] = _mm512_shuffle_i32x4(ab_lo, cd_lo, 0x88);                        // A0 B0 C0 D0
+    r[4 + e] = _mm512_shuffle_i32x4(ab_lo, cd_lo, 0xDD);                    // A1 B1 C1 D1
+    r[8 + e] = _mm512_shuffle_i32x4(ab_hi, cd_hi, 0x88);
+    r[12 + e] = _mm512_shuffle_i32x4(ab_hi, cd_hi, 0xDD);
+  }
+}
+
+// One 128-k chunk (k0 = 128 c) of the tile's 16 weight rows -> wv[64][32] bf16 bits: vector p = 4d + j, dword lane
+// i = (k0 + 8d + j, k0 + 8d + j + 4) of row i, as bf16(128 + q) (OFF: the offset code) or the exact bf16(q - z)
+// (zoff[g]: 16 - z of each lane's row in both words; table: bf16(j - 16)). rows[i]: the packed row of tile row i
+// (nullptr: zeros).
+template <bool OFF>
+NVLM_AVX512BF16 void decode_chunk_lanes(const uint8_t* const* rows, int64_t K, int64_t k0, int64_t group,
+                                        const uint32_t* zoff, uint16_t* wv) {
+  __m512i r[kLanes];
+  const __mmask64 tail = byte_mask((K - k0) / 2);  // bytes past K read as q = 0; never multiplied (see tiled_int4)
+  for (int i = 0; i < kLanes; ++i)
+    r[i] = rows[i] == nullptr ? _mm512_setzero_si512() : _mm512_maskz_loadu_epi8(tail, rows[i] + k0 / 2);
+  transpose_16x16_epi32(r);  // r[d], lane i: bytes 4d..4d+3 of row i = k0 + 8d .. k0 + 8d + 7
+  // Nibble j of a 32-bit word is k = 8d + j (low nibble = even k), so the word's nibbles j and j + 4 sit at bits 4j
+  // and 4j + 16: one shift and one ternary-logic op put them in the two 16-bit halves as bf16(128 + q) = 0x4300 | q.
+  // Vector 4d + j thus pairs k = 8d + j (low word) with k = 8d + j + 4 (high word); x is laid out to match.
+  const __m512i nibbles = _mm512_set1_epi32(0x000F000F);
+  [[maybe_unused]] const __m512i table = _mm512_loadu_si512(kCenteredTable32.v);
+  for (int d = 0; d < 16; ++d) {
+    [[maybe_unused]] const __m512i zo = OFF ? nibbles : _mm512_loadu_si512(zoff + (k0 + 8 * d) / group * kLanes);
+    for (int j = 0; j < 4; ++j) {
+      const __m512i q = _mm512_srli_epi32(r[d], 4 * j);
+      __m512i v;
+      if constexpr (OFF)
+        v = _mm512_ternarylogic_epi32(q, nibbles, _mm512_set1_epi32(0x43004300), 0xEA);  // (a & b) | c
+      else
+        v = _mm512_permutexvar_epi16(_mm512_add_epi16(_mm512_and_si512(q, nibbles), zo), table);
+      _mm512_store_si512(wv + (4 * d + j) * 32, v);
+    }
+  }
+}
+
+// tot[r] += s * sum_{p < npairs} x[r] (pair p) * wv[p] for r < MR, one group (16 output rows in the lanes); OFF: also
+// tot[r] -= cz * xgs[r * xgs_stride] (the offset decode's zero-point term: cz = s (128 + z), xgs = the row's group
+// sum of x, 0 for the extra parts of fp16 x). xp[p][r]: row r's bf16 pair of x for vector p of the group (pairing as
+// in decode_chunk_lanes), kMaxMR4 rows per pair: one base pointer, so the broadcasts load from fixed offsets (with a
+// pointer per row GCC ran out of registers and spilled in the inner loop).
+template <int MR, bool OFF>
+NVLM_AVX512BF16 void micro_int4_lanes(const uint32_t* xp, const uint16_t* wv, int64_t npairs, __m512 s, __m512 cz,
+                                      const float* xgs, int64_t xgs_stride, float* tot) {
+  __m512 acc[MR];
+  for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < npairs; ++p) {
+    const __m512bh wp = (__m512bh)_mm512_load_si512(wv + 32 * p);
+    const uint32_t* xr = xp + kMaxMR4 * p;
+    for (int r = 0; r < MR; ++r) acc[r] = _mm512_dpbf16_ps(acc[r], wp, (__m512bh)_mm512_set1_epi32(xr[r]));
+  }
+  for (int r = 0; r < MR; ++r) {
+    __m512 t = _mm512_fmadd_ps(acc[r], s, _mm512_loadu_ps(tot + 16 * r));
+    if constexpr (OFF) t = _mm512_fnmadd_ps(cz, _mm512_set1_ps(xgs[r * xgs_stride]), t);
+    _mm512_storeu_ps(tot + 16 * r, t);
+  }
+}
+
+using MicroInt4 = void (*)(const uint32_t*, const uint16_t*, int64_t, __m512, __m512, const float*, int64_t, float*);
+
+template <bool OFF>
+MicroInt4 micro_int4_for(int64_t mr) {  // rows come in multiples of 4 (quant_kernels.h)
+  return mr >= 16 ? &micro_int4_lanes<16, OFF> : mr == 12 ? &micro_int4_lanes<12, OFF>
+                                              : mr == 8 ? &micro_int4_lanes<8, OFF> : &micro_int4_lanes<4, OFF>;
+}
+
+// Loop nest per thread: tiles of 16 weight rows (dynamic over threads) -> 128-k chunks (transpose + decode into
+// wv, 4 KiB) -> blocks of <= 16 x rows -> the chunk's groups. tot[rows][16] holds the running sums of the tile.
+template <bool OFF>
+NVLM_AVX512BF16 void tiled_int4(const QWeight& w, const uint16_t* xrows, int64_t rows, int parts, int64_t kpad,
+                                const float* xgsum, const Out& out) {
+  const int64_t N = w.N, K = w.K, M = out.M, G = w.group, ngroups = K / G;
+  const int64_t ntiles = (N + kLanes - 1) / kLanes;
+  // The zero-point term's group sums per x row: row m * parts (part 0) carries x row m's sum, other rows 0.
+  std::vector<float> xgs(OFF ? rows * ngroups : 0, 0.f);
+  if constexpr (OFF)
+    for (int64_t m = 0; m < M; ++m) std::copy_n(xgsum + m * ngroups, ngroups, &xgs[m * parts * ngroups]);
+  const int64_t full_blocks = rows / kMaxMR4, last_mr = rows % kMaxMR4;
+  // x as bf16 pairs in the decode's k pairing, pair-major within blocks of kMaxMR4 rows: xp[blk][4d + j][r] =
+  // (x[r'][8d + j], x[r'][8d + j + 4]), r' = blk * kMaxMR4 + r (rows past `rows`: zero). Once per call (M * K values).
+  const int64_t npairs = K / 2, nblocks = (rows + kMaxMR4 - 1) / kMaxMR4;
+  std::vector<uint32_t> xp(nblocks * npairs * kMaxMR4, 0u);
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint16_t* src = xrows + r * kpad;
+    uint32_t* dst = &xp[(r / kMaxMR4) * npairs * kMaxMR4 + r % kMaxMR4];
+    for (int64_t p = 0; p < npairs; ++p) {
+      const int64_t k = 8 * (p / 4) + p % 4;
+      dst[p * kMaxMR4] = uint32_t(src[k]) | uint32_t(src[k + 4]) << 16;
+    }
+  }
+  const MicroInt4 micro_full = micro_int4_for<OFF>(kMaxMR4), micro_last = micro_int4_for<OFF>(last_mr);
+#pragma omp parallel num_threads(out.threads)
+  {
+    alignas(64) uint16_t wv[kPairsPerChunk * 32];
+    // Per group g, lane i = tile row i: its scale, s (128 + z), and 16 - z in both words (exact decode).
+    std::vector<float> s_t(ngroups * kLanes), cz_t(ngroups * kLanes), tot(rows * kLanes), srow(kLanes * ngroups);
+    std::vector<uint32_t> zoff_t(ngroups * kLanes);
+    const uint8_t* row_ptr[kLanes];
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < ntiles; ++t) {
+      const int64_t n0 = t * kLanes, nt = std::min<int64_t>(kLanes, N - n0);
+      scales_to_f32(w.scales, w.stype, n0 * ngroups, nt * ngroups, srow.data());
+      for (int64_t g = 0; g < ngroups; ++g)
+        for (int i = 0; i < kLanes; ++i) {
+          const int z = i < nt ? w.zeros[(n0 + i) * ngroups + g] & 15 : 0;
+          const float s = i < nt ? srow[i * ngroups + g] : 0.f;  // rows past N: scale 0, so their sums stay 0
+          s_t[g * kLanes + i] = s;
+          cz_t[g * kLanes + i] = s * (128.f + z);
+          zoff_t[g * kLanes + i] = uint32_t(16 - z) * 0x00010001u;
+        }
+      for (int i = 0; i < kLanes; ++i)
+        row_ptr[i] = i < nt ? static_cast<const uint8_t*>(w.qweight) + (n0 + i) * (K / 2) : nullptr;
+      std::fill(tot.begin(), tot.end(), 0.f);
+      for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
+        decode_chunk_lanes<OFF>(row_ptr, K, k0, G, zoff_t.data(), wv);
+        const int64_t g0 = k0 / G, g1 = std::min(ngroups, (k0 + kChunk) / G);  // the chunk's groups (K % G == 0)
+        for (int64_t blk = 0; blk < nblocks; ++blk) {
+          const int64_t r0 = blk * kMaxMR4;
+          const MicroInt4 micro = blk < full_blocks ? micro_full : micro_last;
+          for (int64_t g = g0; g < g1; ++g)
+            micro(&xp[(blk * npairs + g * G / 2) * kMaxMR4], wv + (g * G - k0) / 2 * 32, G / 2,
+                  _mm512_loadu_ps(&s_t[g * kLanes]), _mm512_loadu_ps(&cz_t[g * kLanes]),
+                  OFF ? &xgs[r0 * ngroups + g] : nullptr, ngroups, &tot[r0 * kLanes]);
+        }
+      }
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t i = 0; i < nt; ++i) {
+          float v = out.bias ? out.bias[n0 + i] : 0.f;
+          for (int p = 0; p < parts; ++p) v += tot[(m * parts + p) * kLanes + i];
+          out.y[m * N + n0 + i] = v;
+        }
+    }
+  }
+}
 
 }  // namespace
 
 NVLM_AVX512BF16 void tiled_avx512bf16(const QWeight& w, const uint16_t* xrows, int64_t rows, int parts, int64_t kpad,
                                       const float* xgsum, const Out& out) {
-  const int64_t N = w.N, K = w.K, M = out.M;
-  const int64_t ngroups = w.bits == 4 ? K / w.group : 1;
-  // columns covered: int8 whole 32-column steps, int4 whole 128-column chunks (x is zero beyond K)
-  const int64_t kr = w.bits == 8 ? (K + 31) / 32 * 32 : (K + kChunk - 1) / kChunk * kChunk;
-  const int64_t ntiles = (N + kBN - 1) / kBN;
-#pragma omp parallel num_threads(out.threads)
-  {
-    alignas(64) uint16_t wb[kBN * kBK];
-    alignas(64) float sb[kBN * (kBK / kChunk) * 16];
-    std::vector<float> tot(rows * kBN * 16), srow(kBN * ngroups, 0.f), cz(ngroups);
-    const bool offset = w.bits == 4 && parts <= 2;  // same choice as the GEMV (quant_kernels.h)
-    // Dynamic: on a shared machine a descheduled thread must not hold back the whole call (see the GEMV).
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t t = 0; t < ntiles; ++t) {
-      const int64_t n0 = t * kBN, nt = std::min(kBN, N - n0);
-      scales_to_f32(w.scales, w.stype, n0 * ngroups, nt * ngroups, srow.data());
-      std::fill(tot.begin(), tot.end(), 0.f);
-      for (int64_t k0 = 0; k0 < kr; k0 += kBK) {
-        const int64_t k1 = std::min(kr, k0 + kBK);
-        if (offset) decode_tile<true>(w, n0, k0, k1, srow.data(), wb, sb);
-        else decode_tile<false>(w, n0, k0, k1, srow.data(), wb, sb);
-        for (int64_t rb = 0; rb < rows; rb += kMR) {
-          const uint16_t* xb = xrows + rb * kpad + k0;
-          if (w.bits == 8) {
-            for (int64_t nb = 0; nb < kBN; nb += kNR8)
-              micro_int8<kNR8>(xb, kpad, wb + nb * kBK, k1 - k0, &tot[(rb * kBN + nb) * 16]);
-          } else {
-            for (int64_t nb = 0; nb < kBN; nb += kNR4)
-              micro_int4<kNR4>(xb, kpad, wb + nb * kBK, k1 - k0, sb + nb * (kBK / kChunk) * 16,
-                               &tot[(rb * kBN + nb) * 16]);
-          }
-        }
-      }
-      for (int64_t i = 0; i < nt; ++i) {
-        const int64_t n = n0 + i;
-        const float b = out.bias ? out.bias[n] : 0.f;
-        const float s8 = w.bits == 8 ? srow[i] : 1.f;
-        if (offset) offset_terms(&srow[i * ngroups], w.zeros + n * ngroups, ngroups, cz.data());
-        for (int64_t m = 0; m < M; ++m) {
-          float v = offset ? -dot_f32(cz.data(), xgsum + m * ngroups, ngroups) : 0.f;
-          for (int p = 0; p < parts; ++p) v += _mm512_reduce_add_ps(_mm512_loadu_ps(&tot[((m * parts + p) * kBN + i) * 16]));
-          out.y[m * N + n] = v * s8 + b;
-        }
-      }
-    }
-  }
+  if (w.bits == 8) tiled_int8(w, xrows, rows, parts, kpad, out);
+  else if (parts <= 2) tiled_int4<true>(w, xrows, rows, parts, kpad, xgsum, out);  // same choice as the GEMV
+  else tiled_int4<false>(w, xrows, rows, parts, kpad, xgsum, out);
 }
 
 // ---- Dequantise rows to a dense tile ------------------------------------------------------------------------------

@@ -1,15 +1,15 @@
 // CPU implementation of nvlm_kernels::w8a16_linear / w4a16_linear (schemas in csrc/ops.cpp; format in
 // csrc/common/quant_layout.h and nvlm_kernels/packing.py):  y[..., N] = x[..., K] @ dequant(w)^T (+ bias).
 //
-// Routing by M = rows of x (quant::kTileMinMCpu = 8, kGemvMaxMCpu = 32: the numbers of quant_linear.select_kernel):
-//   * "gemv" (M < 8; M <= 32 without AVX512-BF16): stream the packed weights once and decode them in registers
+// Routing by M = rows of x (quant::kTileMinMCpu = 6, kGemvMaxMCpu = 32: the numbers of quant_linear.select_kernel):
+//   * "gemv" (M < 6; M <= 32 without AVX512-BF16): stream the packed weights once and decode them in registers
 //       AVX-512 + AVX512-BF16 -> quant_kernels_avx512.cpp (vdpbf16ps on exact bf16 weights)
 //       AVX2 + FMA             -> quant_kernels_avx2.cpp   (fp32 FMAs)
 //       otherwise              -> quant_kernels_scalar.cpp
-//   * "tile" (8 <= M <= 32, AVX512-BF16 only): decode a 16-row weight tile once into L1 and multiply it with all
+//   * "tile" (6 <= M <= 32, AVX512-BF16 only): decode a 16-row weight tile once into L1 and multiply it with all
 //     x rows by a register-blocked vdpbf16ps micro-kernel (quant_kernels_avx512.cpp, tiled_avx512bf16). Measured
-//     one thread, K = N = 8192 (CPU time): M = 8 int4 11.8 / int8 12.0 ms vs GEMV 12.8 / 16.8; M = 4 GEMV wins
-//     (5.6 / 8.2 vs 8.2 / 8.8).
+//     one thread, K = N = 8192, bf16 x (median of 7): M = 6 int4 9.0 / int8 10.8 ms vs GEMV 9.6 / 12.7, M = 7 8.9 /
+//     10.5 vs 11.5 / 15.5; M = 4 the GEMV wins (6.3 / 8.3 vs 7.3 / 7.8), M = 5 for int4 (7.7 vs 8.9).
 //   * "gemm" (M > 32): dequantise a tile of weight rows (~16 MiB) to bf16 (bf16 activations) or
 //     fp32, multiply with at::mm (oneDNN), repeat over N. The weights are still read from memory once.
 // NVLM_KERNELS_CPU_ISA=avx2|scalar caps the SIMD level per call (tests exercise every path on one machine).
@@ -68,8 +68,13 @@ at::Tensor prepare_x_bf16(const at::Tensor& x2, bool permute, int64_t kpad, int6
   const int parts = x2.scalar_type() == at::kBFloat16 ? 1 : x2.scalar_type() == at::kHalf ? 2 : 3;
   *parts_out = parts;
   const int64_t rows = (M * parts + rows_multiple - 1) / rows_multiple * rows_multiple;
-  auto xp = at::zeros({rows, kpad}, x2.options().dtype(at::kShort));
+  auto xp = at::empty({rows, kpad}, x2.options().dtype(at::kShort));
   auto* dst = reinterpret_cast<uint16_t*>(xp.data_ptr<int16_t>());
+  // Zero only what the loops below may leave unwritten, before they run: from the last (partial) 128-k chunk on in
+  // every row (the permutation moves k within a chunk), and the extra rows. The kernels read the zeros.
+  const int64_t k_tail = K / nvlm::quant_cpu::kChunk * nvlm::quant_cpu::kChunk;
+  for (int64_t r = 0; r < M * parts; ++r) std::fill(dst + r * kpad + k_tail, dst + (r + 1) * kpad, uint16_t(0));
+  std::fill(dst + M * parts * kpad, dst + rows * kpad, uint16_t(0));
   auto pos = [permute](int64_t k) -> int64_t {  // int4 GEMV: k = 4i + r of a 128-chunk goes to 32r + i
     if (!permute) return k;
     const int64_t c = k & ~int64_t(127), j = k & 127;
@@ -86,6 +91,28 @@ at::Tensor prepare_x_bf16(const at::Tensor& x2, bool permute, int64_t kpad, int6
       for (int64_t k = 0; k < K; ++k) split_bf16(src[m * K + k], parts, dst + m * parts * kpad + pos(k), kpad);
   }
   return xp;
+}
+
+// Per-group sums of bf16 / fp16 x [M, K] for the int4 offset decode (quant_kernels.h): fp32 [M][K/g], each summed in
+// fp64 (exact for any realistic spread of exponents, so the order does not matter) and rounded once. Plain loops,
+// not ATen ops: for a small model's layers the 4 ATen calls cost as much as the kernel.
+std::vector<float> group_sums(const at::Tensor& x2, int64_t group) {
+  const int64_t M = x2.size(0), K = x2.size(1), ngroups = K / group;
+  std::vector<float> sums(M * ngroups);
+  const bool bf16 = x2.scalar_type() == at::kBFloat16;
+  const auto* src = reinterpret_cast<const uint16_t*>(x2.data_ptr());
+  auto value = [bf16](uint16_t h) -> double {
+    return bf16 ? nvlm::quant::bf16_bits_to_float(h) : static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+  };
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < ngroups; ++g) {
+      const uint16_t* v = src + m * K + g * group;
+      double acc[4] = {0.0, 0.0, 0.0, 0.0};  // 4 chains: the adds are exact, so only their latency matters
+      for (int64_t k = 0; k < group; k += 4)
+        for (int j = 0; j < 4; ++j) acc[j] += value(v[k + j]);
+      sums[m * ngroups + g] = static_cast<float>((acc[0] + acc[1]) + (acc[2] + acc[3]));
+    }
+  return sums;
 }
 
 // x [M, K] -> fp32 [M, K]; for int4 on AVX2 each 16-k block de-interleaved (even k, then odd k).
@@ -118,13 +145,12 @@ at::Tensor run(const at::Tensor& x, const QWeight& w, const std::optional<at::Te
     if (isa == Isa::kAvx512Bf16) {
       const bool tiled = M >= nvlm::quant::kTileMinMCpu;
       int parts = 1;
-      const auto xp = prepare_x_bf16(x2, /*permute=*/w.bits == 4, kpad, /*rows_multiple=*/tiled ? 4 : 1, &parts);
+      // int4: the GEMV's chunk order; the tile path lays x out itself from natural order.
+      const auto xp =
+          prepare_x_bf16(x2, /*permute=*/w.bits == 4 && !tiled, kpad, /*rows_multiple=*/tiled ? 4 : 1, &parts);
       const auto* xbits = reinterpret_cast<const uint16_t*>(xp.data_ptr<int16_t>());
-      // Per-group sums of x for the int4 offset decode (quant_kernels.h), in fp64 then rounded once.
-      const at::Tensor xgsum = w.bits == 4 && parts <= 2
-                                   ? x2.to(at::kDouble).view({M, K / w.group, w.group}).sum(-1).to(at::kFloat)
-                                   : at::Tensor();
-      const float* gs = xgsum.defined() ? xgsum.data_ptr<float>() : nullptr;
+      const std::vector<float> xgsum = w.bits == 4 && parts <= 2 ? group_sums(x2, w.group) : std::vector<float>();
+      const float* gs = xgsum.empty() ? nullptr : xgsum.data();
       if (tiled)
         nvlm::quant_cpu::tiled_avx512bf16(w, xbits, xp.size(0), parts, kpad, gs, out);
       else

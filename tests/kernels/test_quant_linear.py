@@ -100,12 +100,13 @@ def test_w8a16_cpu(isa, m, k, n, dtype, with_bias):
 
 
 @needs_cpu_kernel
-@pytest.mark.parametrize("m", [7, 8, 9, 31, 32])  # around TILE_MIN_M / GEMV_MAX_M: GEMV <-> tiled kernel
+@pytest.mark.parametrize("m", [5, 6, 9, 31, 32])  # around TILE_MIN_M / GEMV_MAX_M: GEMV <-> tiled kernel
 @pytest.mark.parametrize("k, n, g", [(96, 37, 32), (192, 29, 64), (640, 41, 128), (384, 16, 128)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_w4a16_cpu_tile_boundaries(isa, m, k, n, g, dtype):
-    """The tiled kernel's edges: x rows not a multiple of its 4-row micro-tile, N not a multiple of its 16-row weight
-    tile (37, 29, 41), K not a multiple of its 256-column block or of a 128-k chunk (96, 192, 640), with bias."""
+    """The tiled kernel's edges: x rows (M x bf16 parts, padded to 4) split into blocks of 16 with a last block of
+    4, 8 or 12 (m = 6 / 9 with 1-3 parts), N not a multiple of its 16-row weight tile (37, 29, 41), K not a multiple of
+    a 128-k chunk (96, 192, 640) with 1-4 groups per chunk, with bias; fp32 x takes the exact q - z decode."""
     qw, s, z = make_int4(n, k, g)
     x = torch.randn(m, k).to(dtype)
     bias = torch.randn(n).to(dtype)
@@ -115,7 +116,7 @@ def test_w4a16_cpu_tile_boundaries(isa, m, k, n, g, dtype):
 
 
 @needs_cpu_kernel
-@pytest.mark.parametrize("m", [7, 8, 9, 31, 32])
+@pytest.mark.parametrize("m", [5, 6, 9, 31, 32])
 @pytest.mark.parametrize("k, n", [(100, 33), (300, 17), (544, 64)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_w8a16_cpu_tile_boundaries(isa, m, k, n, dtype):
@@ -287,8 +288,8 @@ def test_cuda_matches_truth(m, dtype):
 
 
 def test_select_kernel_rule_and_header_agree():
-    assert select_kernel(1, 4, "cpu") == "gemv" and select_kernel(7, 8, "cpu") == "gemv"
-    assert select_kernel(8, 4, "cpu") == "tile" and select_kernel(32, 8, "cpu") == "tile"
+    assert select_kernel(1, 4, "cpu") == "gemv" and select_kernel(5, 8, "cpu") == "gemv"
+    assert select_kernel(6, 4, "cpu") == "tile" and select_kernel(32, 8, "cpu") == "tile"
     assert select_kernel(33, 4, "cpu") == "gemm"
     assert select_kernel(8, 4, "cuda") == "gemv" and select_kernel(9, 8, "cuda") == "gemm"
     with pytest.raises(ValueError, match="'bits'"):

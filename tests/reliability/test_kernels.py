@@ -224,13 +224,14 @@ def test_pixel_shuffle_ops_propagate_non_finite(backend, value):
 @pytest.mark.parametrize("where", ["x", "scale"])
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_quantised_linear_propagates_non_finite(backend, bits, where, value):
+@pytest.mark.parametrize("m", [4, 8])  # the compiled CPU kernel's GEMV and tiled paths
+def test_quantised_linear_propagates_non_finite(backend, bits, where, value, m):
     """Rows of x (or output columns of a scale) holding NaN/Inf are non-finite exactly where the fp64 formula is, and
     every other entry is untouched; a NaN input gives NaN exactly where the formula does. Known deviation (compiled
     CPU kernel) for an Inf input: where the formula gives +-Inf the kernel may give NaN (it folds the zero point out
     of the dot product: Inf - Inf), and where the formula gives NaN (0 * Inf in the dequantised weight) it may give
     Inf (it applies the scale after the dot product). Either way never finite, never zero."""
-    x = torch.randn(4, 64)
+    x = torch.randn(m, 64)
     if bits == 8:
         q, s = int8_weights()
         args = lambda x, s: (x, q, s)                                     # noqa: E731

@@ -38,9 +38,10 @@ lm_head run at the answer positions only (the same loss up to rounding; a stage-
 one same-process comparison, ~0.73 s against ~0.8 s inside whole runs) with stage 2 at 1200 steps: 54% (colour on
 a side 25%; 1620 s). None was kept. Two later ``--seed 1`` runs changed only stages 1-2, so they share the seed-1
 run's stages 0a/0b bit for bit and its stage-1/2 data streams: stage 1 at 400 steps and stage 2 at 900: 64.5%;
-stage-2 learning rate 5e-4: 66% (1664 s). Given the same seed, stages 1-2 land within 64.5-67% under these knobs,
-so the 9-point seed-0 / seed-1 gap is not noise of stages 1-2 at a fixed seed: it comes from the stage-0 weights or
-from the seed's stage-1/2 data, which a run that swaps the two would tell apart.
+stage-2 learning rate 5e-4: 66% (1664 s). A third run kept seed 1 for the init and stages 0a/0b but gave stages 1-2
+seed 0's data (pool images and batches): 62.5%. So from seed 1's stage-0 weights, stages 1-2 land at 62.5-67% under
+all of these, and the 9-point gap to seed 0 (76%) comes from the stage-0 weights: stages 0a/0b are where the
+recipe's instability, and the next work, lies.
 
 Training runs in fp32 with the pure-PyTorch reference kernels (``force_backend("ref")``: differentiable); the
 checkpoint is saved in bf16 in the published NVLM-D layout with its tokenizer. Seeded: model init from

@@ -101,8 +101,8 @@ std::vector<float> group_sums(const at::Tensor& x2, int64_t group) {
   std::vector<float> sums(M * ngroups);
   const bool bf16 = x2.scalar_type() == at::kBFloat16;
   const auto* src = reinterpret_cast<const uint16_t*>(x2.data_ptr());
-  auto value = [bf16](uint16_t h) -> double {
-    return bf16 ? nvlm::quant::bf16_bits_to_float(h) : static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+  auto value = [bf16](uint16_t h) -> double {  // the shared bit conversions the scalar kernels use
+    return bf16 ? nvlm::quant::bf16_bits_to_float(h) : nvlm::quant::half_bits_to_float(h);
   };
   for (int64_t m = 0; m < M; ++m)
     for (int64_t g = 0; g < ngroups; ++g) {

@@ -1,5 +1,6 @@
 """Benchmark: weight-only int4 / int8 linear (``nvlm_kernels.w4a16_linear`` / ``w8a16_linear``) at the decoder's
-largest projection, gate/up_proj of Qwen2-72B: K=8192 -> N=29568, M=1 (decode) and M=16 (small batch / spec).
+largest projection, gate/up_proj of Qwen2-72B: K=8192 -> N=29568, M=1 (decode), M=16 (small batch / spec) and, on
+CPU, M=64 (a batch or short prefill: int4 still on the tiled kernel, int8 on dequantise + matmul).
 
 CPU rows (the headline CPU figures, design.md §4), bf16 activations, all torch threads:
 
@@ -125,7 +126,7 @@ def _cpu_rows(quick: bool) -> list[harness.Row]:
     aten4 = [_aten_int4_pack(*c) for c in int4_copies]
     aten8 = [(q, s.to(torch.bfloat16)) for q, s in int8_copies]
     dense = [(torch.randn(N, K, dtype=torch.bfloat16) * 0.02,) for _ in range(cbf)]
-    ms = (1, 16)
+    ms = (1, 16, 64)
     xs = {m: torch.randn(m, K, dtype=torch.bfloat16) for m in ms}
     bnb, bnb_note = ({}, "bitsandbytes skipped in --quick (0.5 s per call)") if quick else \
         _bnb_baselines(xs, 2, max_time_s=10.0)
@@ -154,16 +155,16 @@ def _cpu_rows(quick: bool) -> list[harness.Row]:
             rows.append(harness.make_row(OP, sh, torch.bfloat16, name, t, bytes_moved=wbytes[name],
                                          limit="dram_read_gbps", note="baseline" + (f"; {bnb_note}"
                                                                                     if name.startswith("bnb") else "")))
-        sel = nvlm_kernels.quant_linear.select_kernel(m, 4, "cpu")
+        sel4, sel8 = (nvlm_kernels.quant_linear.select_kernel(m, bits, "cpu") for bits in (4, 8))
         isa = nvlm_kernels.backends()["cpu_isa"]
         rows.append(harness.make_row(
             OP, sh, torch.bfloat16, "cpu:w4a16_g128", t4, bytes_moved=b4, limit="dram_read_gbps",
             baselines={k: v for k, v in base.items() if k in ("aten_int4pack", "bf16_dense", "bnb_nf4")},
-            note=f"{sel}, {isa}, {c4} weight copies; {bnb_note}"))
+            note=f"{sel4}, {isa}, {c4} weight copies; {bnb_note}"))
         rows.append(harness.make_row(
             OP, sh, torch.bfloat16, "cpu:w8a16", t8, bytes_moved=b8, limit="dram_read_gbps",
             baselines={k: v for k, v in base.items() if k in ("aten_int8pack", "bf16_dense", "bnb_int8")},
-            note=f"{sel}, {isa}, {c8} weight copies"))
+            note=f"{sel8}, {isa}, {c8} weight copies"))
     return rows
 
 

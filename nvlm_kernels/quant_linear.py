@@ -7,7 +7,8 @@ Format (defined once in :mod:`nvlm_kernels.packing`; design.md §3):
   ``zeros uint8 [N, K/g]`` (0..15), ``g`` in 32/64/128; ``w[n, k] = (q[n, k] - zeros[n, k//g]) * scales[n, k//g]``.
 
 ``x`` is fp32/fp16/bf16 with any leading shape; ``y`` has ``x``'s dtype; scales may be fp16/bf16/fp32; ``bias`` is
-``[N]`` (any float dtype, added in fp32). All kernels accumulate in fp32.
+``[N]`` (any float dtype, added in fp32; on the CPU GEMM path with bf16 x it is added to the bf16-rounded product,
+a second rounding: csrc/cpu/quant_linear.cpp). All kernels accumulate in fp32.
 
 Backends (``dispatch.select``): ``cpu`` (csrc/cpu/quant_*.cpp: AVX-512-BF16 / AVX2 / scalar, OpenMP),
 ``cuda`` (csrc/cuda/quant_gemv.cu), ``triton`` (``nvlm_kernels.quant_linear_triton``, another module, imported
@@ -22,7 +23,11 @@ Triton backend's GEMV_MAX_M). Within the CPU GEMV range, ``TILE_MIN_M["cpu"] <= 
 kernel decodes a 16-row weight tile once into L1 and multiplies it with every x row (register-blocked vdpbf16ps);
 at K = N = 8192 on one Zen 4 core (bf16 x) it beats the GEMV from M = 6 (int4 9.0 vs 9.6 ms, int8 10.8 vs 12.7; at
 M = 7 8.9 vs 11.5 and 10.5 vs 15.5) and loses at M = 4-5 (int4 7.3 vs 6.3, 8.9 vs 7.7). CPUs without AVX512-BF16 run
-the GEMV there. csrc/common/quant_layout.h holds the same numbers for the C++/CUDA code; a test checks they agree.
+the GEMV there. int4 stays on the tiled kernel above the GEMV range, up to ``TILE_MAX_M_INT4["cpu"]`` = 96: one
+thread, K = N = 8192, bf16 x, it beats dequantise + oneDNN at M = 33 (29.5 vs 34.2 ms), 64 (48.1 vs 54.5) and 96 (70.7
+vs 79.7), not at 128 (126 vs 98); 2 threads at Qwen2-72B's gate/up_proj (N = 29568) M = 48 73 vs 105 ms, 96 134 vs
+142. (int8's dequantise is cheap, so its GEMM path has no such handicap.) CPUs without AVX512-BF16 run the GEMM
+there. csrc/common/quant_layout.h holds the same numbers for the C++/CUDA code; a test checks they agree.
 """
 
 from __future__ import annotations
@@ -38,18 +43,22 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 GEMV_MAX_M = {"cpu": 32, "cuda": 8}
 #: Smallest M served by the tiled kernel (CPU, AVX512-BF16), up to GEMV_MAX_M (see module docstring).
 TILE_MIN_M = {"cpu": 6}
+#: Largest M served by the tiled kernel for int4 weights (CPU, AVX512-BF16; int8 stops at GEMV_MAX_M).
+TILE_MAX_M_INT4 = {"cpu": 96}
 
 
 def select_kernel(m: int, bits: int, device) -> str:
     """THE routing rule for the quantised linear kernels: ``"gemv"`` for ``m <= GEMV_MAX_M[device]`` rows of x
-    (``"tile"`` from ``TILE_MIN_M[device]`` rows where the device has a tiled kernel), else ``"gemm"``. ``bits`` (4
-    or 8) is part of the contract so a format-specific threshold can be added in one place; today both formats use
-    the same numbers. On a CPU without AVX512-BF16 the compiled op runs the GEMV where this says ``"tile"``."""
+    (``"tile"`` from ``TILE_MIN_M[device]`` rows where the device has a tiled kernel; for int4 ``"tile"`` also up to
+    ``TILE_MAX_M_INT4[device]`` rows), else ``"gemm"``. On a CPU without AVX512-BF16 the compiled op runs the GEMV
+    where this says ``"tile"`` for ``m <= GEMV_MAX_M``, and the GEMM above."""
     if bits not in (4, 8):
         raise ValueError(f"nvlm_kernels.select_kernel: argument 'bits' must be 4 or 8, got {bits!r}")
     dev_type = torch.device(device).type
     if dev_type not in GEMV_MAX_M:
         dev_type = "cpu"
+    if bits == 4 and TILE_MIN_M.get(dev_type, m + 1) <= m <= TILE_MAX_M_INT4.get(dev_type, 0):
+        return "tile"
     if m > GEMV_MAX_M[dev_type]:
         return "gemm"
     return "tile" if m >= TILE_MIN_M.get(dev_type, m + 1) else "gemv"

@@ -121,9 +121,14 @@ NVLM_HOST_DEVICE inline uint16_t float_to_bf16_bits(float f) {
 // Mirrors nvlm_kernels.quant_linear.select_kernel (THE routing function; a test checks the numbers agree):
 // M <= kGemvMaxM* -> "gemv" (weights decoded in registers, streamed once), larger M -> "gemm" (dequantise weight
 // tiles, then a dense matmul: oneDNN on CPU, cuBLAS on CUDA). On CPU with AVX512-BF16, kTileMinMCpu <= M <=
-// kGemvMaxMCpu -> "tile" (a weight tile decoded once into L1, register-blocked vdpbf16ps over all x rows).
+// kGemvMaxMCpu -> "tile" (a weight tile decoded once into L1, register-blocked vdpbf16ps over all x rows), and for
+// int4 up to kTileMaxMInt4Cpu rows: the int4 tile kernel, compute-bound near the bf16 matmul's rate, still beats
+// dequantise + oneDNN there (one thread, K = N = 8192, bf16 x: M = 33 29.5 vs 34.2 ms, 64 48.1 vs 54.5, 96 70.7 vs
+// 79.7; M = 128 126 vs 98). int8's tile has no such margin over its GEMM path (its dequantise is cheap), so int8
+// goes to "gemm" above kGemvMaxMCpu.
 constexpr int64_t kGemvMaxMCpu = 32;
 constexpr int64_t kTileMinMCpu = 6;
+constexpr int64_t kTileMaxMInt4Cpu = 96;
 constexpr int64_t kGemvMaxMCuda = 8;
 
 }  // namespace quant

@@ -22,7 +22,8 @@
 //    with S_g = sum of x over the group (computed once per call, shared by all N rows). Products stay exact; the
 //    fp32 partial sums are ~10x larger, which costs ~2^-24 * 143 * s * sum|x| of accumulation error: far below
 //    bf16 / fp16 output rounding. fp32 x (3 parts) keeps the exact table decode.
-// For quant::kTileMinMCpu <= M <= 32 the tiled kernels below are used instead (see there).
+// For quant::kTileMinMCpu <= M <= 32 (int4: up to quant::kTileMaxMInt4Cpu) the tiled kernels below are used
+// instead (see there).
 //
 // Dequantise-to-tile (GEMM path for large M): the same table lookup, with index bits built so that 32-bit lane j
 // gets k = 2j in its low word and k = 2j+1 in its high word, i.e. natural order; then scaled in fp32.
@@ -457,7 +458,7 @@ NVLM_AVX512BF16 void gemv_avx512bf16(const QWeight& w, const uint16_t* xparts, i
   }
 }
 
-// ---- Tiled kernels for a few to a few dozen x rows (quant::kTileMinMCpu <= M <= quant::kGemvMaxMCpu) --------------
+// ---- Tiled kernels for a few to a few dozen x rows (kTileMinMCpu <= M <= kGemvMaxMCpu; int4 to kTileMaxMInt4Cpu) --
 // The GEMV above decodes the weights in registers and streams x from L1 for every weight vector: one x load per
 // vdpbf16ps, the decode repeated for every block of 8 x rows, and a scale FMA per row and chunk. When M is large
 // enough to be compute-bound, these paths instead decode a block of weights ONCE into an L1 buffer of exact bf16

@@ -1,17 +1,20 @@
 // CPU implementation of nvlm_kernels::w8a16_linear / w4a16_linear (schemas in csrc/ops.cpp; format in
 // csrc/common/quant_layout.h and nvlm_kernels/packing.py):  y[..., N] = x[..., K] @ dequant(w)^T (+ bias).
 //
-// Routing by M = rows of x (quant::kTileMinMCpu = 6, kGemvMaxMCpu = 32: the numbers of quant_linear.select_kernel):
+// Routing by M = rows of x (quant::kTileMinMCpu = 6, kGemvMaxMCpu = 32, kTileMaxMInt4Cpu = 96: the numbers of
+// quant_linear.select_kernel):
 //   * "gemv" (M < 6; M <= 32 without AVX512-BF16): stream the packed weights once and decode them in registers
 //       AVX-512 + AVX512-BF16 -> quant_kernels_avx512.cpp (vdpbf16ps on exact bf16 weights)
 //       AVX2 + FMA             -> quant_kernels_avx2.cpp   (fp32 FMAs)
 //       otherwise              -> quant_kernels_scalar.cpp
-//   * "tile" (6 <= M <= 32, AVX512-BF16 only): decode a 16-row weight tile once into L1 and multiply it with all
-//     x rows by a register-blocked vdpbf16ps micro-kernel (quant_kernels_avx512.cpp, tiled_avx512bf16). Measured
-//     one thread, K = N = 8192, bf16 x (median of 7): M = 6 int4 9.0 / int8 10.8 ms vs GEMV 9.6 / 12.7, M = 7 8.9 /
-//     10.5 vs 11.5 / 15.5; M = 4 the GEMV wins (6.3 / 8.3 vs 7.3 / 7.8), M = 5 for int4 (7.7 vs 8.9).
-//   * "gemm" (M > 32): dequantise a tile of weight rows (~16 MiB) to bf16 (bf16 activations) or
-//     fp32, multiply with at::mm (oneDNN), repeat over N. The weights are still read from memory once.
+//   * "tile" (6 <= M <= 32, int4 up to M = 96; AVX512-BF16 only): decode a 16-row weight tile once into L1 and
+//     multiply it with all x rows by a register-blocked vdpbf16ps micro-kernel (quant_kernels_avx512.cpp,
+//     tiled_avx512bf16). Measured one thread, K = N = 8192, bf16 x (median of 7): M = 6 int4 9.0 / int8 10.8 ms
+//     vs GEMV 9.6 / 12.7, M = 7 8.9 / 10.5 vs 11.5 / 15.5; M = 4 the GEMV wins (6.3 / 8.3 vs 7.3 / 7.8), M = 5 for
+//     int4 (7.7 vs 8.9). int4 M = 33-96: quant_layout.h.
+//   * "gemm" (M > 32; int4 with AVX512-BF16: M > 96): dequantise a tile of weight rows (~16 MiB) to bf16 (bf16
+//     activations) or fp32, multiply with at::mm (oneDNN), repeat over N. The weights are still read from memory
+//     once.
 // NVLM_KERNELS_CPU_ISA=avx2|scalar caps the SIMD level per call (tests exercise every path on one machine).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -137,7 +140,9 @@ at::Tensor run(const at::Tensor& x, const QWeight& w, const std::optional<at::Te
   const Isa isa = pick_isa();
   auto y = at::empty({M, N}, x.options().dtype(at::kFloat));
 
-  if (M <= nvlm::quant::kGemvMaxMCpu) {  // ---- gemv
+  // int4 keeps the tiled kernel above the GEMV range (quant_layout.h: kTileMaxMInt4Cpu)
+  const bool int4_tile = w.bits == 4 && isa == Isa::kAvx512Bf16 && M <= nvlm::quant::kTileMaxMInt4Cpu;
+  if (M <= nvlm::quant::kGemvMaxMCpu || int4_tile) {  // ---- gemv / tile
     const Out out{y.data_ptr<float>(), bptr, M, threads};
     // Row stride: K rounded up to a chunk, plus 128 bytes so that rows do not alias in L1 (quant_kernels.h).
     const int64_t kpad =
@@ -189,6 +194,9 @@ at::Tensor run(const at::Tensor& x, const QWeight& w, const std::optional<at::Te
       }
       y.narrow(1, n0, n1 - n0).copy_(at::mm(xc, tile.narrow(0, 0, n1 - n0).t()));
     }
+    // With bf16 x the product is already rounded to bf16, so the bias makes a second rounding (error up to ~1 ulp
+    // of y, not 1/2). Fusing it (at::addmm) rounds once but broke tensor parallelism's bit-exactness: oneDNN's
+    // addmm result changed with the rank's slice of N (tests/tp). Left as is.
     if (bias.has_value()) y.add_(bias_f);
   }
   return y.to(x.scalar_type()).view(out_shape);

@@ -100,19 +100,26 @@ def test_w8a16_cpu(isa, m, k, n, dtype, with_bias):
 
 
 @needs_cpu_kernel
-@pytest.mark.parametrize("m", [5, 6, 9, 31, 32])  # around TILE_MIN_M / GEMV_MAX_M: GEMV <-> tiled kernel
+@pytest.mark.parametrize("m", [5, 6, 9, 31, 32, 33, 96, 97])  # GEMV <-> tile <-> GEMM (TILE_MIN_M, TILE_MAX_M_INT4)
 @pytest.mark.parametrize("k, n, g", [(96, 37, 32), (192, 29, 64), (640, 41, 128), (384, 16, 128)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_w4a16_cpu_tile_boundaries(isa, m, k, n, g, dtype):
     """The tiled kernel's edges: x rows (M x bf16 parts, padded to 4) split into blocks of 16 with a last block of
-    4, 8 or 12 (m = 6 / 9 with 1-3 parts), N not a multiple of its 16-row weight tile (37, 29, 41), K not a multiple of
-    a 128-k chunk (96, 192, 640) with 1-4 groups per chunk, with bias; fp32 x takes the exact q - z decode."""
+    4, 8 or 12 (m = 6 / 9 / 33 with 1-3 parts; m = 96 x 3 parts: 18 full blocks), N not a multiple of its 16-row
+    weight tile (37, 29, 41), K not a multiple of a 128-k chunk (96, 192, 640) with 1-4 groups per chunk, with bias;
+    fp32 x takes the exact q - z decode. m = 32 / 33 and 96 / 97 cross GEMV_MAX_M and TILE_MAX_M_INT4."""
     qw, s, z = make_int4(n, k, g)
     x = torch.randn(m, k).to(dtype)
     bias = torch.randn(n).to(dtype)
     with nvlm_kernels.force_backend("cpu"):
         y = w4a16_linear(x, qw, s, z, g, bias)
-    check_close(y, x, dequantize_int4(qw, s, z, g), bias)
+    w = dequantize_int4(qw, s, z, g)
+    # The GEMM path (m = 97; m >= 33 below AVX-512): with bf16 x, the bias is added to the bf16-rounded product (a
+    # second rounding, up to half an ulp of |y| more; csrc/cpu/quant_linear.cpp)
+    gemm = m > (quant_linear.TILE_MAX_M_INT4 if isa == "avx512" else quant_linear.GEMV_MAX_M)["cpu"]
+    gemm_bf16 = gemm and dtype == torch.bfloat16
+    second_rounding = 2.0**-8 * (x.double() @ w.double().t() + bias.double()).abs().max().item() if gemm_bf16 else 0.0
+    check_close(y, x, w, bias, extra_eps=second_rounding)
 
 
 @needs_cpu_kernel
@@ -290,7 +297,9 @@ def test_cuda_matches_truth(m, dtype):
 def test_select_kernel_rule_and_header_agree():
     assert select_kernel(1, 4, "cpu") == "gemv" and select_kernel(5, 8, "cpu") == "gemv"
     assert select_kernel(6, 4, "cpu") == "tile" and select_kernel(32, 8, "cpu") == "tile"
-    assert select_kernel(33, 4, "cpu") == "gemm"
+    assert select_kernel(33, 8, "cpu") == "gemm" and select_kernel(33, 4, "cpu") == "tile"
+    assert select_kernel(96, 4, "cpu") == "tile" and select_kernel(97, 4, "cpu") == "gemm"
+    assert select_kernel(33, 4, "cuda") == "gemm"
     assert select_kernel(8, 4, "cuda") == "gemv" and select_kernel(9, 8, "cuda") == "gemm"
     with pytest.raises(ValueError, match="'bits'"):
         select_kernel(1, 3, "cpu")
@@ -300,6 +309,8 @@ def test_select_kernel_rule_and_header_agree():
     tile = int(re.search(r"kTileMinMCpu = (\d+);", header).group(1))
     assert (cpu, cuda) == (quant_linear.GEMV_MAX_M["cpu"], quant_linear.GEMV_MAX_M["cuda"])
     assert tile == quant_linear.TILE_MIN_M["cpu"]
+    tile_max = int(re.search(r"kTileMaxMInt4Cpu = (\d+);", header).group(1))
+    assert tile_max == quant_linear.TILE_MAX_M_INT4["cpu"]
 
 
 def test_triton_backend_is_routed_when_present():

@@ -57,11 +57,11 @@ def select_kernel(m: int, bits: int, device) -> str:
     dev_type = torch.device(device).type
     if dev_type not in GEMV_MAX_M:
         dev_type = "cpu"
-    if bits == 4 and TILE_MIN_M.get(dev_type, m + 1) <= m <= TILE_MAX_M_INT4.get(dev_type, 0):
+    gemv_max = GEMV_MAX_M[dev_type]
+    tile_max = TILE_MAX_M_INT4.get(dev_type, gemv_max) if bits == 4 else gemv_max
+    if TILE_MIN_M.get(dev_type, m + 1) <= m <= tile_max:
         return "tile"
-    if m > GEMV_MAX_M[dev_type]:
-        return "gemm"
-    return "tile" if m >= TILE_MIN_M.get(dev_type, m + 1) else "gemv"
+    return "gemv" if m <= gemv_max else "gemm"
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -129,6 +129,8 @@ NVLM_HOST_DEVICE inline uint16_t float_to_bf16_bits(float f) {
 constexpr int64_t kGemvMaxMCpu = 32;
 constexpr int64_t kTileMinMCpu = 6;
 constexpr int64_t kTileMaxMInt4Cpu = 96;
+// The largest M of the CPU "tile" range for a weight format (`bits` 4 or 8).
+constexpr int64_t tile_max_m_cpu(int bits) { return bits == 4 ? kTileMaxMInt4Cpu : kGemvMaxMCpu; }
 constexpr int64_t kGemvMaxMCuda = 8;
 
 }  // namespace quant

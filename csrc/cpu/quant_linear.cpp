@@ -140,15 +140,15 @@ at::Tensor run(const at::Tensor& x, const QWeight& w, const std::optional<at::Te
   const Isa isa = pick_isa();
   auto y = at::empty({M, N}, x.options().dtype(at::kFloat));
 
-  // int4 keeps the tiled kernel above the GEMV range (quant_layout.h: kTileMaxMInt4Cpu)
-  const bool int4_tile = w.bits == 4 && isa == Isa::kAvx512Bf16 && M <= nvlm::quant::kTileMaxMInt4Cpu;
-  if (M <= nvlm::quant::kGemvMaxMCpu || int4_tile) {  // ---- gemv / tile
+  // The tile range (AVX512-BF16 only) reaches past the GEMV range for int4 (quant_layout.h).
+  const bool tiled = isa == Isa::kAvx512Bf16 && M >= nvlm::quant::kTileMinMCpu &&
+                     M <= nvlm::quant::tile_max_m_cpu(w.bits);
+  if (M <= nvlm::quant::kGemvMaxMCpu || tiled) {  // ---- gemv / tile
     const Out out{y.data_ptr<float>(), bptr, M, threads};
     // Row stride: K rounded up to a chunk, plus 128 bytes so that rows do not alias in L1 (quant_kernels.h).
     const int64_t kpad =
         (K + nvlm::quant_cpu::kChunk - 1) / nvlm::quant_cpu::kChunk * nvlm::quant_cpu::kChunk + 64;
     if (isa == Isa::kAvx512Bf16) {
-      const bool tiled = M >= nvlm::quant::kTileMinMCpu;
       int parts = 1;
       // int4: the GEMV's chunk order; the tile path lays x out itself from natural order.
       const auto xp =

@@ -91,6 +91,9 @@ def eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sqnr-samples", type=int, default=64, help="image samples for the logits SQNR (0: skip)")
     p.add_argument("--no-tile-tags", action="store_true", help="prompt images without <tile_k> tags (for a "
                                                                  "checkpoint of the tile-tag ablation)")
+    p.add_argument("--blank", default=None, choices=["thumbnail", "tiles"],
+                   help="score the image questions with each image's thumbnail (or regular tiles) blanked: which "
+                        "part of the image the model answers from")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: fastest on a shared machine)")
 

@@ -52,6 +52,15 @@ descriptions; the present decoder, 4 query heads of 64 sharing 2 KV heads, rope_
 32 with 8 KV heads 61.5% / 72.3% (seeds 0 / 1). That last decoder, trained in full (seed 0), scored 61.5% on the
 200 held-out images of the log (the present recipe: 76%) and took 1938 s (a stage-2 step 1.08 s, not 0.85): the
 stage-0b score does not predict the end result (seed 1 beats seed 0 there and loses at the end), so it was not kept.
+Three more seed-0 runs (held-out figures from ``nvlm eval``, 400 images): stage 0a at 1400 steps (last-steps loss
+0.21 against 0.36; shape probe 91% of foreground patches either way; stage 0b logged the same losses as seed 0's
+other runs) 74.0%, shape on a side 58% against the shipped 67%; ``tile_lookup`` descriptions of 8-24 slots per tile
+instead of 16, so that a tile's place in the text does not give its number (stage 0b alone: text tile questions
+60.5% against 51.7%, more in the middle tiles) 59.75%: colour in tile k and on a side fell to 29% and 32%; and
+listings of 24 tiles instead of 12 in the image dialogues of stages 1-2 (stages 0a/0b as shipped) 64.25% (2142 s).
+None was kept. ``nvlm eval --blank`` shows where the shipped model reads: with each thumbnail blanked it keeps
+colour in tile k (55.7%) and the side questions, and count falls from 90% to 52%; with the regular tiles blanked
+every kind falls (34% in all). So it finds tile k in the tiles, not in the thumbnail, and counts from the thumbnail.
 
 Training runs in fp32 with the pure-PyTorch reference kernels (``force_backend("ref")``: differentiable); the
 checkpoint is saved in bf16 in the published NVLM-D layout with its tokenizer. Seeded: model init from

@@ -5,6 +5,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from nvlm import tasks
 from nvlm.demo import EXAMPLE_IMAGE, TRAINED_MODEL
@@ -296,6 +297,37 @@ def test_eval_of_the_tile_tag_ablation_prompts_without_tags(monkeypatch, capsys)
     assert seen[4:] == [True] and "text" not in capsys.readouterr().out.split("tiles")[-1]
     with pytest.raises(ValueError, match="--n"):
         evaluate.main(["--n", "0"])
+
+
+def test_eval_blank_ablation_replaces_only_the_chosen_tiles(monkeypatch, capsys):
+    import nvlm.evaluate as evaluate
+    from nvlm.processor import NVLMProcessor
+
+    processor = NVLMProcessor.from_pretrained(TRAINED_MODEL)
+    sample = tasks.eval_set("tiles", 1)[0]
+    plain = processor(images=[sample.image], text=sample.question)
+    background = processor(images=[Image.new("RGB", (tasks.TILE,) * 2, sample.scene.background)],
+                           text="")["pixel_values"][0]
+    tiles = sample.scene.num_tiles
+    assert plain["pixel_values"].shape[0] == tiles + 1                  # regular tiles, then the thumbnail
+    for which, blanked in (("thumbnail", [tiles]), ("tiles", list(range(tiles)))):
+        out = evaluate.BlankedTiles(processor, which)(images=[sample.image], text=sample.question)
+        assert torch.equal(out["input_ids"], plain["input_ids"])         # the prompt is unchanged
+        for t in range(tiles + 1):
+            expected = background if t in blanked else plain["pixel_values"][t]
+            assert torch.equal(out["pixel_values"][t], expected), (which, t)
+    with pytest.raises(ValueError, match="--blank"):
+        evaluate.BlankedTiles(processor, "thumbnails")
+
+    seen = []
+
+    def fake_score(model, processor, samples, batch_size=16):
+        seen.append(getattr(processor, "which", None))
+        return {"accuracy": 0.0, "n": len(samples), "by_kind": {}}
+
+    monkeypatch.setattr(evaluate, "score", fake_score)
+    assert evaluate.main(["--n", "2", "--n-text", "2", "--blank", "tiles"]) == 0
+    assert seen == ["tiles", None] and "tiles blanked" in capsys.readouterr().out   # the text set has no image
 
 
 def test_tile_tag_ablation_drops_only_the_tags():

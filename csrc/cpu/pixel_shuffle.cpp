@@ -4,9 +4,10 @@
 // x [T, N, C] -> out [T, N/4, 4C]. Each output row is four C-wide source rows placed side by side, so
 //   * pixel_shuffle is four contiguous block copies per output row;
 //   * pixel_shuffle_layernorm reads the four source blocks of a row (4C = 12800 values, 25-51 KB: they stay in
-//     L1/L2 after the first pass), computes the fp32 mean, then the fp32 variance around it (two passes over cached
-//     data, as accurate as PyTorch's LayerNorm even when |mean| >> std), and writes the normalised rows once, four
-//     rows at a time so that each loaded weight/bias vector serves four rows (pixel_shuffle_simd.inc).
+//     L2 after the first pass), computes the fp32 mean and variance from one pass of shifted sums (a second pass
+//     around the mean, from L2, where those cancel: as accurate as PyTorch's LayerNorm even when |mean| >> std),
+//     and writes the normalised rows once, four rows at a time so that each loaded weight/bias vector serves four
+//     rows (pixel_shuffle_simd.inc).
 // Every byte of x is read from memory once and every byte of out written once. Outputs larger than the last-level
 // cache are written with non-temporal (streaming) stores: they bypass the cache and skip the read-for-ownership a
 // normal store does, so the traffic is read + write instead of read + read + write (glibc's memcpy does the same for

@@ -169,6 +169,12 @@ def test_cpu_large_mean_and_specials(isa):
     x = (1000 + 0.01 * torch.randn(2, 16, 40)).float()
     w, b = torch.ones(160), torch.zeros(160)
     _check_ln(_run("cpu", pixel_shuffle_layernorm, x, w, b, 1e-5), x, w, b, 1e-5, "v2")
+    # Nearly constant bf16/fp16 rows far from 0 (std/mean < 1e-3, where plain sums of x and x^2 cancel): 2^16 with
+    # 2% of the values 2^16+512 (bf16), 1024 with 2% of them 1025 (fp16), all exact; C=64: the vector loops sum.
+    for dtype, base, step in ((torch.bfloat16, 65536, 512), (torch.float16, 1024, 1)):
+        x = (base + step * (torch.rand(2, 16, 64) < 0.02).float()).to(dtype)
+        ones, zeros = torch.ones(256, dtype=dtype), torch.zeros(256, dtype=dtype)
+        _check_ln(_run("cpu", pixel_shuffle_layernorm, x, ones, zeros, 1e-5), x, ones, zeros, 1e-5, "v2")
     # NaN in one row: that row is NaN, the others are untouched (bf16 store keeps NaN a NaN, not an infinity).
     x = torch.randn(1, 16, 40).to(torch.bfloat16)
     x[0, 0, 3] = float("nan")
@@ -180,13 +186,15 @@ def test_cpu_large_mean_and_specials(isa):
 @needs_cpu_kernel
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
 @pytest.mark.parametrize("offset", [30.0, 3000.0])
-def test_cpu_outlier_leading_channels(isa, offset):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_outlier_leading_channels(isa, offset, dtype):
     """Channels 0..31 of every token far from the rest (ViT features have such massive-activation channels): the
     first values of each output row are then far from the row's mean, where a variance from sums around a shift
     taken from those values would cancel (it was 100x less accurate than F.layer_norm here)."""
     g = torch.Generator().manual_seed(5)
     x = torch.randn(2, 16, 3200, generator=g)
     x[..., :32] += offset
+    x = x.to(dtype)
     w, b = torch.rand(12800, generator=g) + 0.5, torch.randn(12800, generator=g)
     _check_ln(_run("cpu", pixel_shuffle_layernorm, x, w, b, 1e-5), x, w, b, 1e-5, "v2")
 

@@ -57,9 +57,11 @@ Three more seed-0 runs (held-out figures from ``nvlm eval``, 400 images): stage 
 other runs) 74.0%, shape on a side 58% against the shipped 67%; ``tile_lookup`` descriptions of 8-24 slots per tile
 instead of 16, so that a tile's place in the text does not give its number (stage 0b alone: text tile questions
 60.5% against 51.7%, more in the middle tiles) 59.75%: colour in tile k and on a side fell to 29% and 32%; and
-listings of 24 tiles instead of 12 in the image dialogues of stages 1-2 (stages 0a/0b as shipped) 64.25% (2142 s).
-None was kept. ``nvlm eval --blank`` shows where the shipped model reads: with each thumbnail blanked it keeps
-colour in tile k (55.7%) and the side questions, and count falls from 90% to 52%; with the regular tiles blanked
+listings of 24 tiles instead of 12 in the image dialogues of stages 1-2 (stages 0a/0b as shipped) 64.25% (2142 s);
+8 questions per image instead of 4 in stages 1-2 (``TURNS``) 73.0%: colour in tile k 61.4% against 55.7%, count 79%
+against 90%, side shape 61% against 67% (2177 s: a stage-2 step 1.3 s instead of 0.85). None was kept.
+``nvlm eval --blank`` shows where the shipped model reads: with each thumbnail blanked it keeps colour in tile k
+(55.7%) and the side questions, and count falls from 90% to 52%; with the regular tiles blanked
 every kind falls (34% in all). So it finds tile k in the tiles, not in the thumbnail, and counts from the thumbnail.
 
 Training runs in fp32 with the pure-PyTorch reference kernels (``force_backend("ref")``: differentiable); the

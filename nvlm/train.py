@@ -60,6 +60,12 @@ instead of 16, so that a tile's place in the text does not give its number (stag
 listings of 24 tiles instead of 12 in the image dialogues of stages 1-2 (stages 0a/0b as shipped) 64.25% (2142 s);
 8 questions per image instead of 4 in stages 1-2 (``TURNS``) 73.0%: colour in tile k 61.4% against 55.7%, count 79%
 against 90%, side shape 61% against 67% (2177 s: a stage-2 step 1.3 s instead of 0.85). None was kept.
+Two more seed-0 runs (2026-12-08): tile descriptions whose 16 slots are all filled (``red circle`` x 8; all ``x`` for
+an empty tile), like the tower tokens, every one of which carries its tile's colour and shape (a linear probe on one
+corner patch names both 99% right; shape explains 71% of a corner patch's variance, colour 5%): 71.5% (1794 s). An
+auxiliary loss in stages 1-2 pointing each regular-tile token of ``mlp1`` (cosine, embeddings detached) at the
+decoder's input embeddings of `` red`` + `` circle`` (`` x`` for an empty tile): 79.5% (colour in tile k 70%, shape in
+tile k 74%, side shape 65%), the best single run so far, but 1834 s, over the 30 minutes, and one seed; not kept yet.
 ``nvlm eval --blank`` shows where the shipped model reads: with each thumbnail blanked it keeps colour in tile k
 (55.7%) and the side questions, and count falls from 90% to 52%; with the regular tiles blanked
 every kind falls (34% in all). So it finds tile k in the tiles, not in the thumbnail, and counts from the thumbnail.
